@@ -1,0 +1,205 @@
+"""Reading and writing audio: any common format in, float32 mono 24 kHz out; 16-bit WAV out."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+from moshi_core.errors import InvalidAudioError, InvalidParameterError
+
+SAMPLE_RATE = 24000
+SUPPORTED_FORMATS = "wav, flac, ogg/opus, mp3"
+
+AudioSource = str | os.PathLike[str] | bytes
+
+# Container durations are estimates for some formats (mp3 without a Xing header is
+# guessed from the bitrate), so the cheap header check leaves this much slack; the
+# exact check after decoding still applies the limit itself.
+_HEADER_DURATION_SLACK = 1.02
+
+
+def load_audio(source: AudioSource, *, max_seconds: float | None = None) -> torch.Tensor:
+    """Decode `source` (a path, or a file's content as bytes) to float32 mono 24 kHz, shape [1, T].
+
+    Raises `InvalidAudioError` when the input is missing, empty, not audio, silent of samples,
+    holds NaN/inf, or is longer than `max_seconds`.
+    """
+    if max_seconds is not None and not max_seconds > 0:
+        raise InvalidParameterError(f"max_seconds must be positive, got {max_seconds}")
+    name = _describe(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise InvalidAudioError(f"{name} is empty")
+    else:
+        _check_file(Path(source), name)
+
+    try:
+        samples, rate = _decode_soundfile(source, name, max_seconds)
+    except sf.SoundFileError:
+        # libsndfile does not know this format (or this build lacks mp3/opus): try FFmpeg.
+        samples, rate = _decode_pyav(source, name, max_seconds)
+
+    if samples.shape[0] == 0:
+        raise InvalidAudioError(f"{name} contains no audio samples")
+    if not np.isfinite(samples).all():
+        raise InvalidAudioError(f"{name} contains NaN or infinite samples")
+    mono = samples.mean(axis=1, dtype=np.float32)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
+
+
+def duration_seconds(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> float:
+    """Length in seconds of a waveform whose last dimension is time."""
+    return wav.shape[-1] / sample_rate
+
+
+def wav_bytes(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Encode `wav` ([T], [1, T] or [C, T], float in [-1, 1]) as a 16-bit PCM WAV file in memory."""
+    buffer = io.BytesIO()
+    _write_wav_to(buffer, wav, sample_rate)
+    return buffer.getvalue()
+
+
+def write_wav(path: str | os.PathLike[str], wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write `wav` as a 16-bit PCM WAV file at `path`, atomically (clipped to [-1, 1])."""
+    atomic_write_bytes(path, wav_bytes(wav, sample_rate))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, as a plain open() would; a
+    # NamedTemporaryFile would leave the final file at 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _describe(source: AudioSource) -> str:
+    return "the audio data" if isinstance(source, bytes) else f"'{os.fspath(source)}'"
+
+
+def _check_file(path: Path, name: str) -> None:
+    if not path.exists():
+        raise InvalidAudioError(f"audio file {name} does not exist")
+    if not path.is_file():
+        raise InvalidAudioError(f"audio file {name} is not a regular file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InvalidAudioError(f"cannot read audio file {name}: {e.strerror}") from e
+    if size == 0:
+        raise InvalidAudioError(f"audio file {name} is empty")
+
+
+def _too_long(name: str, seconds: float, max_seconds: float) -> InvalidAudioError:
+    return InvalidAudioError(f"{name} is {seconds:.1f} s long; the limit is {max_seconds:g} s")
+
+
+def _open_binary(source: AudioSource, name: str) -> BinaryIO:
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    try:
+        return open(source, "rb")
+    except OSError as e:
+        raise InvalidAudioError(f"cannot read audio file {name}: {e.strerror}") from e
+
+
+def _decode_soundfile(source: AudioSource, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Decode with libsndfile; returns samples as float32 [frames, channels] and the rate."""
+    with _open_binary(source, name) as f, sf.SoundFile(f) as snd:
+        rate = snd.samplerate
+        if max_seconds is not None and snd.frames / rate > max_seconds:
+            raise _too_long(name, snd.frames / rate, max_seconds)
+        samples = snd.read(dtype="float32", always_2d=True)
+    return samples, rate
+
+
+def _decode_pyav(source: AudioSource, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Decode with FFmpeg; returns samples as float32 [frames, channels] and the rate."""
+    # A file object rather than a path string, so FFmpeg never reads a name such as
+    # "http://..." or "concat:..." as a protocol.
+    with _open_binary(source, name) as f:
+        try:
+            return _decode_container(f, name, max_seconds)
+        except av.FFmpegError as e:
+            raise InvalidAudioError(
+                f"could not decode {name} as audio: supported formats are {SUPPORTED_FORMATS}"
+            ) from e
+
+
+def _decode_container(f: BinaryIO, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    with av.open(f, mode="r") as container:
+        if not container.streams.audio:
+            raise InvalidAudioError(
+                f"could not decode {name} as audio (it has no audio stream): "
+                f"supported formats are {SUPPORTED_FORMATS}"
+            )
+        stream = container.streams.audio[0]
+        if max_seconds is not None:
+            header_seconds = _header_seconds(container, stream)
+            if header_seconds is not None and header_seconds > max_seconds * _HEADER_DURATION_SLACK:
+                raise _too_long(name, header_seconds, max_seconds)
+
+        resampler = av.AudioResampler(format="fltp")  # keeps rate and layout, makes float planar
+        chunks: list[np.ndarray] = []
+        rate = 0
+        total = 0
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                rate = rate or out.sample_rate
+                chunk = out.to_ndarray()
+                chunks.append(chunk)
+                total += chunk.shape[1]
+            if max_seconds is not None and rate and total > max_seconds * rate:
+                raise InvalidAudioError(f"{name} is more than {max_seconds:g} s long; the limit is {max_seconds:g} s")
+        for out in resampler.resample(None):
+            rate = rate or out.sample_rate
+            chunks.append(out.to_ndarray())
+
+    if not chunks:
+        return np.zeros((0, 1), dtype=np.float32), rate or SAMPLE_RATE
+    samples = np.concatenate(chunks, axis=1).T
+    if max_seconds is not None and samples.shape[0] > max_seconds * rate:
+        raise _too_long(name, samples.shape[0] / rate, max_seconds)
+    return samples, rate
+
+
+def _header_seconds(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _write_wav_to(target: BinaryIO, wav: torch.Tensor, sample_rate: int) -> None:
+    if sample_rate <= 0:
+        raise InvalidParameterError(f"sample_rate must be positive, got {sample_rate}")
+    if wav.dim() == 1:
+        wav = wav.unsqueeze(0)
+    if wav.dim() != 2:
+        raise InvalidParameterError(f"audio to write must have shape [T] or [C, T], got {list(wav.shape)}")
+    data = wav.detach().to("cpu", torch.float32).numpy()
+    if not np.isfinite(data).all():
+        raise InvalidAudioError("cannot write audio that contains NaN or infinite samples")
+    pcm = np.round(np.clip(data, -1.0, 1.0) * 32767.0).astype(np.int16)
+    sf.write(target, pcm.T, sample_rate, format="WAV", subtype="PCM_16")

@@ -1,0 +1,78 @@
+"""Loading Kyutai's released checkpoints into our modules, keys unchanged.
+
+The model is built on the `meta` device and the file's tensors are assigned in place, so
+loading costs one read of the file and no second copy of the weights.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import CheckpointError
+from .hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES, resolve_file
+from .mimi import MimiConfig, MimiModel
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or misshapen tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    misshapen = sorted(
+        f"{k} {list(state[k].shape)} (expected {list(expected[k])})"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("wrongly shaped", misshapen)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{name} does not match the model: " + "; ".join(problems))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(os.fspath(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def load_module(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Fill a meta-device `model` from a safetensors file, strictly."""
+    state = read_safetensors(path)
+    check_state_dict(model, state, path.name)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_mimi(
+    source: str | os.PathLike = DEFAULT_MIMI_SOURCE,
+    *,
+    device: torch.device | str = "cpu",
+    num_codebooks: int = 8,
+    revision: str | None = None,
+    config: MimiConfig | None = None,
+) -> MimiModel:
+    """Mimi from a checkpoint source (see `moshi_core.hub`), in float32 as Kyutai runs it."""
+    path = resolve_file(source, MIMI_FILENAMES, revision)
+    with torch.device("meta"):
+        model = MimiModel(config or MimiConfig(num_codebooks=num_codebooks))
+    model = load_module(model, path, torch.float32, device)
+    model.num_codebooks = num_codebooks
+    model.checkpoint_id = checkpoint_id(source, path)
+    return model
+
+
+def checkpoint_id(source: str | os.PathLike, path: Path) -> str:
+    """A stable name for the weights, stored in token files: repo/file for Hub sources."""
+    text = os.fspath(source)
+    if Path(text).expanduser().exists():
+        return path.name
+    repo = text.removeprefix("hf://").split("/")
+    return f"{repo[0]}/{repo[1].split('@')[0]}/{path.name}"

@@ -1,0 +1,234 @@
+"""Mimi: 24 kHz audio <-> 12.5 Hz codes (up to 32 codebooks of 2048 entries).
+
+encode: SEANet encoder (25 Hz) -> transformer -> conv downsample x2 (12.5 Hz) -> split RVQ.
+decode: split RVQ -> depthwise transposed conv upsample x2 -> transformer -> SEANet decoder.
+
+Offline, `encode` right-pads the audio with zeros to a whole number of 1920-sample frames
+(the last partial frame becomes one more code frame) and `decode` returns
+`1920 * frames` samples; callers that know the source length trim to it (the token file
+stores it). Streaming works on whole frames: one frame in, one code frame out, and back.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv import StreamingConv1d, StreamingConvTranspose1d
+from .errors import InvalidParameterError
+from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
+from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
+from .streaming import ResettableFields, StateGroup
+from .transformer import KVCache, ProjectedTransformer, TransformerConfig
+
+
+@dataclass
+class MimiConfig:
+    """Kyutai's `_mimi_config` (official values as defaults), plus how many codebooks to use."""
+
+    sample_rate: int = 24000
+    channels: int = 1
+    frame_rate: float = 12.5
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    num_codebooks: int = 8
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MimiConfig":
+        data = dict(data)
+        sub = {
+            "seanet": SeanetConfig, "transformer": TransformerConfig, "quantizer": QuantizerConfig,
+        }
+        for key, kind in sub.items():
+            if key in data and isinstance(data[key], dict):
+                data[key] = kind(**data[key])
+        return cls(**data)
+
+    @property
+    def encoder_frame_rate(self) -> float:
+        return self.sample_rate / self.seanet.hop_length
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.sample_rate / self.frame_rate)
+
+    @property
+    def resample_stride(self) -> int:
+        return int(self.encoder_frame_rate / self.frame_rate)
+
+
+class ConvDownsample1d(nn.Module):
+    """Learnt causal strided conv from the encoder rate to the frame rate."""
+
+    def __init__(self, stride: int, dim: int) -> None:
+        super().__init__()
+        self.conv = StreamingConv1d(dim, dim, 2 * stride, stride=stride, bias=False, pad_mode="replicate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ConvTrUpsample1d(nn.Module):
+    """Learnt depthwise transposed conv from the frame rate to the encoder rate."""
+
+    def __init__(self, stride: int, dim: int) -> None:
+        super().__init__()
+        self.convtr = StreamingConvTranspose1d(dim, dim, 2 * stride, stride=stride, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convtr(x)
+
+
+@dataclass
+class MimiEncoderState(ResettableFields):
+    seanet: StateGroup
+    transformer: KVCache
+    downsample: Any
+
+
+@dataclass
+class MimiDecoderState(ResettableFields):
+    upsample: Any
+    transformer: KVCache
+    seanet: StateGroup
+
+
+@dataclass
+class MimiState(ResettableFields):
+    """Streaming state of both directions for a batch of independent streams."""
+
+    encoder: MimiEncoderState
+    decoder: MimiDecoderState
+
+    @property
+    def batch_size(self) -> int:
+        return self.encoder.transformer.offset.shape[0]
+
+
+class MimiModel(nn.Module):
+    def __init__(self, cfg: MimiConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or MimiConfig()
+        self.cfg = cfg
+        dim = cfg.seanet.dimension
+        self.encoder = SeanetEncoder(cfg.seanet)
+        self.decoder = SeanetDecoder(cfg.seanet)
+        self.encoder_transformer = ProjectedTransformer(cfg.transformer)
+        self.decoder_transformer = ProjectedTransformer(cfg.transformer)
+        self.downsample = ConvDownsample1d(cfg.resample_stride, dim)
+        self.upsample = ConvTrUpsample1d(cfg.resample_stride, dim)
+        self.quantizer = SplitResidualVectorQuantizer(cfg.quantizer)
+        self.num_codebooks = cfg.num_codebooks
+        self.checkpoint_id = "random-init"  # set by the loader; recorded in token files
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.cfg.frame_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.cfg.frame_size
+
+    @property
+    def num_codebooks(self) -> int:
+        return self._num_codebooks
+
+    @num_codebooks.setter
+    def num_codebooks(self, n: int) -> None:
+        total = self.cfg.quantizer.n_q
+        if not 1 <= n <= total:
+            raise InvalidParameterError(f"the number of codebooks must be between 1 and {total}, not {n}")
+        self._num_codebooks = n
+
+    @property
+    def _steps_per_frame(self) -> int:
+        return self.cfg.resample_stride
+
+    # -- offline ----------------------------------------------------------------------------
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, 1, T] float in [-1, 1] -> codes [B, K, ceil(T / 1920)] int64."""
+        self._check_audio(wav)
+        pad = -wav.shape[-1] % self.frame_size
+        latent = self.encoder(F.pad(wav, (0, pad)))
+        latent = self.downsample(self.encoder_transformer(latent))
+        return self.quantizer.encode(latent, self.num_codebooks)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, F] -> wav [B, 1, 1920 * F]."""
+        self._check_codes(codes)
+        latent = self.upsample(self.quantizer.decode(codes))
+        return self.decoder(self.decoder_transformer(latent))
+
+    # -- streaming --------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int = 1) -> MimiState:
+        steps = self._steps_per_frame
+        return MimiState(
+            encoder=MimiEncoderState(
+                seanet=self.encoder.init_state(batch_size),
+                transformer=self.encoder_transformer.init_state(batch_size, steps),
+                downsample=self.downsample.conv.init_state(batch_size),
+            ),
+            decoder=MimiDecoderState(
+                upsample=self.upsample.convtr.init_state(batch_size),
+                transformer=self.decoder_transformer.init_state(batch_size, steps),
+                seanet=self.decoder.init_state(batch_size),
+            ),
+        )
+
+    def encode_step(self, wav: torch.Tensor, state: MimiState) -> torch.Tensor:
+        """wav [B, 1, n * 1920] -> codes [B, K, n], continuing the streams in `state`."""
+        self._check_audio(wav, state)
+        if wav.shape[-1] % self.frame_size:
+            raise InvalidParameterError(
+                f"streaming encode takes whole frames of {self.frame_size} samples, "
+                f"got {wav.shape[-1]}; buffer the remainder until the next call"
+            )
+        st = state.encoder
+        codes = []
+        for frame in wav.split(self.frame_size, dim=-1):
+            latent = self.encoder.step(frame, st.seanet)
+            latent = self.encoder_transformer.step(latent, st.transformer)
+            latent = self.downsample.conv.step(latent, st.downsample)
+            codes.append(self.quantizer.encode(latent, self.num_codebooks))
+        return torch.cat(codes, dim=-1)
+
+    def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
+        """codes [B, K, n] -> wav [B, 1, n * 1920], continuing the streams in `state`."""
+        self._check_codes(codes, state)
+        st = state.decoder
+        frames = []
+        for frame in codes.split(1, dim=-1):
+            latent = self.upsample.convtr.step(self.quantizer.decode(frame), st.upsample)
+            latent = self.decoder_transformer.step(latent, st.transformer)
+            frames.append(self.decoder.step(latent, st.seanet))
+        return torch.cat(frames, dim=-1)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _check_audio(self, wav: torch.Tensor, state: MimiState | None = None) -> None:
+        if wav.dim() != 3 or wav.shape[1] != self.cfg.channels:
+            raise InvalidParameterError(f"audio must be [batch, {self.cfg.channels}, samples], got {list(wav.shape)}")
+        if wav.shape[-1] == 0:
+            raise InvalidParameterError("audio is empty")
+        if state is not None and wav.shape[0] != state.batch_size:
+            raise InvalidParameterError(f"batch of {wav.shape[0]} for a state of {state.batch_size} streams")
+
+    def _check_codes(self, codes: torch.Tensor, state: MimiState | None = None) -> None:
+        total = self.cfg.quantizer.n_q
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= total or codes.shape[-1] == 0:
+            raise InvalidParameterError(f"codes must be [batch, 1..{total}, frames>0], got {list(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise InvalidParameterError(f"codes must be integers, got {codes.dtype}")
+        if state is not None and codes.shape[0] != state.batch_size:
+            raise InvalidParameterError(f"batch of {codes.shape[0]} for a state of {state.batch_size} streams")

@@ -1,0 +1,117 @@
+"""Split residual vector quantizer of Mimi: 1 semantic codebook + N-1 acoustic ones.
+
+Both parts read the same latent through their own 1x1 input projection (the acoustic RVQ
+does not start from the semantic residual). Module nesting mirrors the checkpoints'
+`rvq_*.vq.layers.{i}._codebook.*` keys.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizerConfig:
+    """Official keys of Kyutai's `quantizer` config."""
+
+    dimension: int = 256
+    n_q: int = 32
+    bins: int = 2048
+    input_dimension: int = 512
+    output_dimension: int = 512
+    n_q_semantic: int = 1
+
+
+class EuclideanCodebook(nn.Module):
+    """Centroids stored as EMA sums and counts; the centroid is their ratio."""
+
+    def __init__(self, dim: int, bins: int, epsilon: float = 1e-5) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.register_buffer("_initialized", torch.ones(1))
+        self.register_buffer("cluster_usage", torch.ones(bins))
+        self.register_buffer("embedding_sum", torch.zeros(bins, dim))
+
+    def embedding(self) -> torch.Tensor:
+        return self.embedding_sum / self.cluster_usage.clamp(min=self.epsilon)[:, None]
+
+
+class _CodebookLayer(nn.Module):
+    def __init__(self, dim: int, bins: int) -> None:
+        super().__init__()
+        self._codebook = EuclideanCodebook(dim, bins)
+
+
+class _CodebookStack(nn.Module):
+    def __init__(self, n_q: int, dim: int, bins: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_CodebookLayer(dim, bins) for _ in range(n_q)])
+
+
+class ResidualVectorQuantizer(nn.Module):
+    def __init__(self, n_q: int, dim: int, bins: int, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.input_proj = nn.Conv1d(input_dim, dim, 1, bias=False)
+        self.output_proj = nn.Conv1d(dim, output_dim, 1, bias=False)
+        self.vq = _CodebookStack(n_q, dim, bins)
+        self._codebooks: torch.Tensor | None = None  # [n_q, bins, dim], built on first use
+
+    @property
+    def n_q(self) -> int:
+        return len(self.vq.layers)
+
+    def codebooks(self) -> torch.Tensor:
+        if self._codebooks is None:
+            self._codebooks = torch.stack([layer._codebook.embedding() for layer in self.vq.layers])
+        return self._codebooks
+
+    def _apply(self, fn, recurse=True):
+        self._codebooks = None  # device/dtype moves and loads invalidate the cache
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._codebooks = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
+        """[B, input_dim, T] -> codes [B, n_q, T]: greedy nearest centroid on the residual."""
+        residual = self.input_proj(x).transpose(1, 2).reshape(-1, self.input_proj.out_channels)
+        codes = []
+        for codebook in self.codebooks()[:n_q]:
+            index = torch.cdist(residual[None], codebook[None])[0].argmin(dim=-1)
+            residual = residual - codebook[index]
+            codes.append(index)
+        B, T = x.shape[0], x.shape[-1]
+        return torch.stack(codes, dim=-1).view(B, T, n_q).transpose(1, 2)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] -> [B, output_dim, T]; levels are summed before the projection."""
+        codebooks = self.codebooks()
+        quantized = sum(F.embedding(codes[:, k], codebooks[k]) for k in range(codes.shape[1]))
+        return self.output_proj(quantized.transpose(1, 2))
+
+
+class SplitResidualVectorQuantizer(nn.Module):
+    def __init__(self, cfg: QuantizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n_sem = cfg.n_q_semantic
+        args = (cfg.dimension, cfg.bins, cfg.input_dimension, cfg.output_dimension)
+        self.rvq_first = ResidualVectorQuantizer(n_sem, *args)
+        self.rvq_rest = ResidualVectorQuantizer(cfg.n_q - n_sem, *args)
+
+    def encode(self, x: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+        n_sem = self.cfg.n_q_semantic
+        codes = self.rvq_first.encode(x, n_sem)
+        if num_codebooks > n_sem:
+            codes = torch.cat([codes, self.rvq_rest.encode(x, num_codebooks - n_sem)], dim=1)
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        n_sem = self.cfg.n_q_semantic
+        out = self.rvq_first.decode(codes[:, :n_sem])
+        if codes.shape[1] > n_sem:
+            out = out + self.rvq_rest.decode(codes[:, n_sem:])
+        return out
