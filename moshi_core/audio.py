@@ -21,6 +21,12 @@ SUPPORTED_FORMATS = "wav, flac, ogg/opus, mp3"
 
 AudioSource = str | os.PathLike[str] | bytes
 
+# libsndfile may open these, but FFmpeg reads them better: libsndfile 1.2.2 ignores the
+# Opus pre-skip (audio comes out 6.5 ms late with its end cut off), and builds before
+# 1.1 have no mp3, so mp3 always goes through the one decoder whatever the build.
+_FFMPEG_FORMATS = frozenset({"MP3"})
+_FFMPEG_SUBTYPES = frozenset({"OPUS"})
+
 # Container durations are estimates for some formats (mp3 without a Xing header is
 # guessed from the bitrate), so the cheap header check leaves this much slack; the
 # exact check after decoding still applies the limit itself.
@@ -30,7 +36,7 @@ _HEADER_DURATION_SLACK = 1.02
 def load_audio(source: AudioSource, *, max_seconds: float | None = None) -> torch.Tensor:
     """Decode `source` (a path, or a file's content as bytes) to float32 mono 24 kHz, shape [1, T].
 
-    Raises `InvalidAudioError` when the input is missing, empty, not audio, silent of samples,
+    Raises `InvalidAudioError` when the input is missing, empty, not audio, without samples,
     holds NaN/inf, or is longer than `max_seconds`.
     """
     if max_seconds is not None and not max_seconds > 0:
@@ -42,11 +48,8 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None) -> torc
     else:
         _check_file(Path(source), name)
 
-    try:
-        samples, rate = _decode_soundfile(source, name, max_seconds)
-    except sf.SoundFileError:
-        # libsndfile does not know this format (or this build lacks mp3/opus): try FFmpeg.
-        samples, rate = _decode_pyav(source, name, max_seconds)
+    decoded = _decode_soundfile(source, name, max_seconds)
+    samples, rate = decoded if decoded is not None else _decode_pyav(source, name, max_seconds)
 
     if samples.shape[0] == 0:
         raise InvalidAudioError(f"{name} contains no audio samples")
@@ -70,7 +73,9 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buffer.getvalue()
 
 
-def write_wav(path: str | os.PathLike[str], wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:
+def write_wav(
+    path: str | os.PathLike[str], wav: torch.Tensor, sample_rate: int = SAMPLE_RATE
+) -> None:
     """Write `wav` as a 16-bit PCM WAV file at `path`, atomically (clipped to [-1, 1])."""
     atomic_write_bytes(path, wav_bytes(wav, sample_rate))
 
@@ -94,7 +99,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def _describe(source: AudioSource) -> str:
-    return "the audio data" if isinstance(source, bytes) else f"'{os.fspath(source)}'"
+    return "the input data" if isinstance(source, bytes) else f"'{os.fspath(source)}'"
 
 
 def _check_file(path: Path, name: str) -> None:
@@ -123,35 +128,46 @@ def _open_binary(source: AudioSource, name: str) -> BinaryIO:
         raise InvalidAudioError(f"cannot read audio file {name}: {e.strerror}") from e
 
 
-def _decode_soundfile(source: AudioSource, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Decode with libsndfile; returns samples as float32 [frames, channels] and the rate."""
-    with _open_binary(source, name) as f, sf.SoundFile(f) as snd:
-        rate = snd.samplerate
-        if max_seconds is not None and snd.frames / rate > max_seconds:
-            raise _too_long(name, snd.frames / rate, max_seconds)
-        samples = snd.read(dtype="float32", always_2d=True)
-    return samples, rate
+def _decode_soundfile(
+    source: AudioSource, name: str, max_seconds: float | None
+) -> tuple[np.ndarray, int] | None:
+    """Decode with libsndfile: float32 [frames, channels] and the rate, or None to use FFmpeg."""
+    with _open_binary(source, name) as f:
+        try:
+            with sf.SoundFile(f) as snd:
+                if snd.format in _FFMPEG_FORMATS or snd.subtype in _FFMPEG_SUBTYPES:
+                    return None
+                rate = snd.samplerate
+                if max_seconds is not None and snd.frames / rate > max_seconds:
+                    raise _too_long(name, snd.frames / rate, max_seconds)
+                return snd.read(dtype="float32", always_2d=True), rate
+        except sf.SoundFileError:
+            return None  # not a format libsndfile knows (or a build without it)
 
 
-def _decode_pyav(source: AudioSource, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode_pyav(
+    source: AudioSource, name: str, max_seconds: float | None
+) -> tuple[np.ndarray, int]:
     """Decode with FFmpeg; returns samples as float32 [frames, channels] and the rate."""
     # A file object rather than a path string, so FFmpeg never reads a name such as
     # "http://..." or "concat:..." as a protocol.
     with _open_binary(source, name) as f:
         try:
             return _decode_container(f, name, max_seconds)
-        except av.FFmpegError as e:
+        except (av.FFmpegError, ValueError) as e:  # ValueError: PyAV's own format complaints
             raise InvalidAudioError(
                 f"could not decode {name} as audio: supported formats are {SUPPORTED_FORMATS}"
             ) from e
 
 
-def _decode_container(f: BinaryIO, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode_container(
+    f: BinaryIO, name: str, max_seconds: float | None
+) -> tuple[np.ndarray, int]:
     with av.open(f, mode="r") as container:
         if not container.streams.audio:
             raise InvalidAudioError(
-                f"could not decode {name} as audio (it has no audio stream): "
-                f"supported formats are {SUPPORTED_FORMATS}"
+                f"could not decode {name} as audio: supported formats are {SUPPORTED_FORMATS} "
+                "(FFmpeg found no audio stream in it)"
             )
         stream = container.streams.audio[0]
         if max_seconds is not None:
@@ -170,7 +186,10 @@ def _decode_container(f: BinaryIO, name: str, max_seconds: float | None) -> tupl
                 chunks.append(chunk)
                 total += chunk.shape[1]
             if max_seconds is not None and rate and total > max_seconds * rate:
-                raise InvalidAudioError(f"{name} is more than {max_seconds:g} s long; the limit is {max_seconds:g} s")
+                # No usable header duration: stop at the limit rather than decode it all.
+                raise InvalidAudioError(
+                    f"{name} is more than {max_seconds:g} s long; the limit is {max_seconds:g} s"
+                )
         for out in resampler.resample(None):
             rate = rate or out.sample_rate
             chunks.append(out.to_ndarray())
@@ -183,7 +202,9 @@ def _decode_container(f: BinaryIO, name: str, max_seconds: float | None) -> tupl
     return samples, rate
 
 
-def _header_seconds(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float | None:
+def _header_seconds(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream
+) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
@@ -197,7 +218,9 @@ def _write_wav_to(target: BinaryIO, wav: torch.Tensor, sample_rate: int) -> None
     if wav.dim() == 1:
         wav = wav.unsqueeze(0)
     if wav.dim() != 2:
-        raise InvalidParameterError(f"audio to write must have shape [T] or [C, T], got {list(wav.shape)}")
+        raise InvalidParameterError(
+            f"audio to write must have shape [T] or [C, T], got {list(wav.shape)}"
+        )
     data = wav.detach().to("cpu", torch.float32).numpy()
     if not np.isfinite(data).all():
         raise InvalidAudioError("cannot write audio that contains NaN or infinite samples")

@@ -56,40 +56,52 @@ class ResidualVectorQuantizer(nn.Module):
         self.input_proj = nn.Conv1d(input_dim, dim, 1, bias=False)
         self.output_proj = nn.Conv1d(dim, output_dim, 1, bias=False)
         self.vq = _CodebookStack(n_q, dim, bins)
-        self._codebooks: torch.Tensor | None = None  # [n_q, bins, dim], built on first use
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use
 
     @property
     def n_q(self) -> int:
         return len(self.vq.layers)
 
-    def codebooks(self) -> torch.Tensor:
-        if self._codebooks is None:
-            self._codebooks = torch.stack([layer._codebook.embedding() for layer in self.vq.layers])
-        return self._codebooks
+    def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centroids [n_q, bins, dim] and, for distances, [n_q, bins, dim + 2] = [e, 1, |e|^2]."""
+        if self._tables is None:
+            centroids = torch.stack([layer._codebook.embedding() for layer in self.vq.layers])
+            ones = centroids.new_ones(*centroids.shape[:-1], 1)
+            padded = torch.cat([centroids, ones, centroids.pow(2).sum(-1, keepdim=True)], dim=-1)
+            self._tables = (centroids, padded)
+        return self._tables
 
     def _apply(self, fn, recurse=True):
-        self._codebooks = None  # device/dtype moves and loads invalidate the cache
+        self._tables = None  # device/dtype moves and loads invalidate the cache
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._codebooks = None
+        self._tables = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
-        """[B, input_dim, T] -> codes [B, n_q, T]: greedy nearest centroid on the residual."""
+        """[B, input_dim, T] -> codes [B, n_q, T]: greedy nearest centroid on the residual.
+
+        Squared distances are |x|^2 - 2 x.e + |e|^2 as one product of padded rows, the way
+        `torch.cdist` computes them, with the centroid side precomputed once; the argmin
+        therefore matches Kyutai's (which calls cdist) bit for bit.
+        """
         residual = self.input_proj(x).transpose(1, 2).reshape(-1, self.input_proj.out_channels)
+        centroids, padded = self._lookup_tables()
+        ones = residual.new_ones(residual.shape[0], 1)
         codes = []
-        for codebook in self.codebooks()[:n_q]:
-            index = torch.cdist(residual[None], codebook[None])[0].argmin(dim=-1)
-            residual = residual - codebook[index]
+        for level in range(n_q):
+            query = torch.cat([residual.mul(-2), residual.pow(2).sum(-1, keepdim=True), ones], dim=-1)
+            index = (query @ padded[level].T).clamp_min_(0).argmin(dim=-1)
+            residual = residual - centroids[level][index]
             codes.append(index)
         B, T = x.shape[0], x.shape[-1]
         return torch.stack(codes, dim=-1).view(B, T, n_q).transpose(1, 2)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] -> [B, output_dim, T]; levels are summed before the projection."""
-        codebooks = self.codebooks()
-        quantized = sum(F.embedding(codes[:, k], codebooks[k]) for k in range(codes.shape[1]))
+        centroids = self._lookup_tables()[0]
+        quantized = sum(F.embedding(codes[:, k], centroids[k]) for k in range(codes.shape[1]))
         return self.output_proj(quantized.transpose(1, 2))
 
 

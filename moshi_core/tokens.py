@@ -8,6 +8,7 @@ metadata: format, format_version, sample_rate, frame_rate, num_codebooks, num_sa
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ MAX_CODEBOOKS = 32
 TokenSource = str | os.PathLike[str] | bytes
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == has no single truth value
 class MimiTokens:
-    """Mimi codes of one or more audio items; always valid once built.
+    """Mimi codes of one or more audio items, valid by construction.
 
-    `codes` may be given as [K, F] or [B, K, F] of any integer dtype; it is kept as
-    [B, K, F] int64. `batched` says whether the file form is [B, K, F] (True) or [K, F].
+    `codes` may be given as [K, F] (then `batched` becomes False) or [B, K, F], of any
+    integer dtype; it is kept as [B, K, F] int64. `batched` says which shape the file has.
+    Raises `InvalidTokenFileError` when the codes or their description are out of range.
     """
 
     codes: torch.Tensor
@@ -48,14 +50,13 @@ class MimiTokens:
     batched: bool = True
 
     def __post_init__(self) -> None:
-        codes, batched = self.codes, self.batched
-        if isinstance(codes, torch.Tensor) and codes.dim() == 2:
-            codes, batched = codes.unsqueeze(0), False
-        _validate(codes, self.num_samples, self.codec, self.sample_rate, self.frame_rate, batched, "tokens")
-        # Frozen dataclass: normalise the fields through object.__setattr__.
-        object.__setattr__(self, "codes", codes.to(torch.int64))
-        object.__setattr__(self, "num_samples", [int(n) for n in self.num_samples])
-        object.__setattr__(self, "batched", batched)
+        # Frozen dataclass: fields are normalised through object.__setattr__.
+        if isinstance(self.codes, torch.Tensor) and self.codes.dim() == 2:
+            object.__setattr__(self, "codes", self.codes.unsqueeze(0))
+            object.__setattr__(self, "batched", False)
+        _validate(self)
+        object.__setattr__(self, "codes", self.codes.to(torch.int64))
+        object.__setattr__(self, "num_samples", [operator.index(n) for n in self.num_samples])
 
     @property
     def batch_size(self) -> int:
@@ -72,8 +73,21 @@ class MimiTokens:
 
 def tokens_to_bytes(tokens: MimiTokens) -> bytes:
     """Serialise `tokens` as a Mimi token file in memory (validated first)."""
-    codes, metadata = _to_file_form(tokens)
-    return safetensors.torch.save({"codes": codes}, metadata=metadata)
+    # The codes tensor stays mutable inside the frozen dataclass, so check again.
+    _validate(tokens)
+    codes = tokens.codes.detach().to("cpu", torch.int16)
+    if not tokens.batched:
+        codes = codes[0]
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "sample_rate": str(tokens.sample_rate),
+        "frame_rate": f"{tokens.frame_rate:g}",
+        "num_codebooks": str(tokens.num_codebooks),
+        "num_samples": ",".join(str(n) for n in tokens.num_samples),
+        "codec": tokens.codec,
+    }
+    return safetensors.torch.save({"codes": codes.contiguous()}, metadata=metadata)
 
 
 def save_tokens(path: str | os.PathLike[str], tokens: MimiTokens) -> None:
@@ -96,8 +110,9 @@ def load_tokens(source: TokenSource) -> MimiTokens:
         raise InvalidTokenFileError(f"{where} has no 'codes' tensor")
     extra = sorted(set(tensors) - {"codes"})
     if extra:
-        raise InvalidTokenFileError(f"{where} has unexpected tensors {extra}; only 'codes' is allowed")
-    codes = tensors["codes"]
+        raise InvalidTokenFileError(
+            f"{where} has unexpected tensors {extra}; only 'codes' is allowed"
+        )
 
     meta = _read_metadata(data)
     fmt = meta.get("format")
@@ -108,104 +123,93 @@ def load_tokens(source: TokenSource) -> MimiTokens:
     version = meta.get("format_version")
     if version not in SUPPORTED_VERSIONS:
         raise InvalidTokenFileError(
-            f"{where} has format_version {version!r}; supported versions: {', '.join(SUPPORTED_VERSIONS)}"
+            f"{where} has format_version {version!r}; "
+            f"supported versions: {', '.join(SUPPORTED_VERSIONS)}"
         )
-    sample_rate = _parse(meta, "sample_rate", int, where)
-    frame_rate = _parse(meta, "frame_rate", float, where)
-    num_codebooks = _parse(meta, "num_codebooks", int, where)
-    num_samples = [_parse_int(s, "num_samples", where) for s in _require(meta, "num_samples", where).split(",")]
-    codec = _require(meta, "codec", where)
-
-    batched = codes.dim() == 3
-    if codes.dim() == 2:
-        codes = codes.unsqueeze(0)
-    _validate(codes, num_samples, codec, sample_rate, frame_rate, batched, where)
-    if num_codebooks != codes.shape[1]:
+    fields = _MetadataReader(meta, where)
+    num_codebooks = fields.integer("num_codebooks")
+    try:
+        tokens = MimiTokens(
+            codes=tensors["codes"],
+            num_samples=fields.integers("num_samples"),
+            codec=fields.text("codec"),
+            sample_rate=fields.integer("sample_rate"),
+            frame_rate=fields.number("frame_rate"),
+            batched=tensors["codes"].dim() == 3,
+        )
+    except InvalidTokenFileError as e:
+        raise InvalidTokenFileError(f"{where}: {e}") from None
+    if num_codebooks != tokens.num_codebooks:
         raise InvalidTokenFileError(
-            f"{where}: num_codebooks metadata is {num_codebooks} but codes has {codes.shape[1]} codebooks"
+            f"{where}: num_codebooks metadata is {num_codebooks} "
+            f"but codes has {tokens.num_codebooks} codebooks"
         )
-    return MimiTokens(codes, num_samples, codec, sample_rate, frame_rate, batched)
+    return tokens
 
 
-def _to_file_form(tokens: MimiTokens) -> tuple[torch.Tensor, dict[str, str]]:
-    _validate(
-        tokens.codes, tokens.num_samples, tokens.codec, tokens.sample_rate, tokens.frame_rate, tokens.batched, "tokens"
-    )
-    codes = tokens.codes.detach().to("cpu", torch.int16)
-    if not tokens.batched:
-        codes = codes[0]
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "sample_rate": str(tokens.sample_rate),
-        "frame_rate": f"{tokens.frame_rate:g}",
-        "num_codebooks": str(tokens.num_codebooks),
-        "num_samples": ",".join(str(int(n)) for n in tokens.num_samples),
-        "codec": tokens.codec,
-    }
-    return codes.contiguous(), metadata
-
-
-def _validate(
-    codes: object,
-    num_samples: object,
-    codec: object,
-    sample_rate: object,
-    frame_rate: object,
-    batched: bool,
-    where: str,
-) -> None:
-    """Check codes ([B, K, F]) and their description; raise InvalidTokenFileError naming `where`."""
-
-    def fail(message: str) -> InvalidTokenFileError:
-        return InvalidTokenFileError(f"{where}: {message}")
-
+def _validate(tokens: MimiTokens) -> None:
+    """Check codes (already [B, K, F]) and their description; the caller names the file."""
+    codes = tokens.codes
     if not isinstance(codes, torch.Tensor):
-        raise fail(f"codes must be a tensor, got {type(codes).__name__}")
+        raise InvalidTokenFileError(f"codes must be a tensor, got {type(codes).__name__}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise fail(f"codes must be an integer tensor, got {codes.dtype}")
+        raise InvalidTokenFileError(f"codes must be an integer tensor, got {codes.dtype}")
     if codes.dim() != 3:
-        raise fail(f"codes must have shape [K, F] or [B, K, F], got {list(codes.shape)}")
+        raise InvalidTokenFileError(
+            f"codes must have shape [K, F] or [B, K, F], got {list(codes.shape)}"
+        )
     batch, k, frames = codes.shape
     if batch == 0:
-        raise fail("codes holds an empty batch (B = 0)")
-    if not batched and batch != 1:
-        raise fail(f"an unbatched token set holds exactly one item, got B = {batch}")
+        raise InvalidTokenFileError("codes holds an empty batch (B = 0)")
+    if not tokens.batched and batch != 1:
+        raise InvalidTokenFileError(f"unbatched tokens hold exactly one item, got B = {batch}")
     if not 1 <= k <= MAX_CODEBOOKS:
-        raise fail(f"number of codebooks must be in 1..{MAX_CODEBOOKS}, got {k}")
+        raise InvalidTokenFileError(f"number of codebooks must be in 1..{MAX_CODEBOOKS}, got {k}")
     if frames == 0:
-        raise fail("codes has no frames (F = 0)")
+        raise InvalidTokenFileError("codes has no frames (F = 0)")
 
-    bad = (codes < 0) | (codes >= CARDINALITY)
+    wide = codes.to(torch.int64)  # unsigned dtypes lack comparison kernels
+    bad = (wide < 0) | (wide >= CARDINALITY)
     num_bad = int(bad.sum())
     if num_bad:
         first = [int(i) for i in bad.nonzero()[0]]
-        value = int(codes[tuple(first)])
-        position = first if batched else first[1:]
-        raise fail(
+        value = int(wide[tuple(first)])
+        position = first if tokens.batched else first[1:]
+        raise InvalidTokenFileError(
             f"{num_bad} code(s) outside [0, {CARDINALITY}); the first is {value} at codes{position}"
         )
 
-    if sample_rate != SAMPLE_RATE:
-        raise fail(f"sample_rate must be {SAMPLE_RATE}, got {sample_rate}")
-    if frame_rate != FRAME_RATE:
-        raise fail(f"frame_rate must be {FRAME_RATE:g}, got {frame_rate}")
-    if not isinstance(codec, str) or not codec:
-        raise fail("codec must be a non-empty string naming the Mimi checkpoint")
+    if tokens.sample_rate != SAMPLE_RATE:
+        raise InvalidTokenFileError(f"sample_rate must be {SAMPLE_RATE}, got {tokens.sample_rate}")
+    if tokens.frame_rate != FRAME_RATE:
+        raise InvalidTokenFileError(f"frame_rate must be {FRAME_RATE:g}, got {tokens.frame_rate}")
+    if not isinstance(tokens.codec, str) or not tokens.codec:
+        raise InvalidTokenFileError("codec must be a non-empty string naming the Mimi checkpoint")
 
-    if not isinstance(num_samples, (list, tuple)) or not all(
-        isinstance(n, int) and not isinstance(n, bool) for n in num_samples
-    ):
-        raise fail("num_samples must be a list of integers, one per item")
+    num_samples = tokens.num_samples
+    if not isinstance(num_samples, (list, tuple)) or not all(map(_is_integer, num_samples)):
+        raise InvalidTokenFileError("num_samples must be a list of integers, one per item")
     if len(num_samples) != batch:
-        raise fail(f"num_samples has {len(num_samples)} value(s) but the batch has {batch} item(s)")
+        raise InvalidTokenFileError(
+            f"num_samples has {len(num_samples)} value(s) but the batch has {batch} item(s)"
+        )
     low, high = (frames - 1) * SAMPLES_PER_FRAME, frames * SAMPLES_PER_FRAME
     for i, n in enumerate(num_samples):
         if not low < n <= high:
-            raise fail(
-                f"num_samples[{i}] = {n} does not match {frames} frame(s): "
-                f"it must be in {low + 1}..{high} ({SAMPLES_PER_FRAME} samples per frame)"
+            raise InvalidTokenFileError(
+                f"num_samples[{i}] = {n} does not match {frames} frame(s): it must be in "
+                f"{low + 1}..{high} ({SAMPLES_PER_FRAME} samples per frame)"
             )
+
+
+def _is_integer(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _read_file(path: Path, where: str) -> bytes:
@@ -225,24 +229,35 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def _require(meta: dict[str, str], key: str, where: str) -> str:
-    if key not in meta:
-        raise InvalidTokenFileError(f"{where} is missing the '{key}' metadata")
-    return meta[key]
+class _MetadataReader:
+    """Typed access to the string metadata, with errors that name the file and the key."""
 
+    def __init__(self, meta: dict[str, str], where: str) -> None:
+        self.meta = meta
+        self.where = where
 
-def _parse_int(text: str, key: str, where: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise InvalidTokenFileError(f"{where}: metadata '{key}' must be an integer, got {text!r}") from None
+    def text(self, key: str) -> str:
+        if key not in self.meta:
+            raise InvalidTokenFileError(f"{self.where} is missing the '{key}' metadata")
+        return self.meta[key]
 
+    def integer(self, key: str, text: str | None = None) -> int:
+        text = self.text(key) if text is None else text
+        try:
+            return int(text)
+        except ValueError:
+            raise self._error(key, "an integer", text) from None
 
-def _parse(meta: dict[str, str], key: str, kind: type[int] | type[float], where: str) -> int | float:
-    text = _require(meta, key, where)
-    if kind is int:
-        return _parse_int(text, key, where)
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidTokenFileError(f"{where}: metadata '{key}' must be a number, got {text!r}") from None
+    def integers(self, key: str) -> list[int]:
+        text = self.text(key)
+        return [self.integer(key, part) for part in text.split(",")] if text else []
+
+    def number(self, key: str) -> float:
+        text = self.text(key)
+        try:
+            return float(text)
+        except ValueError:
+            raise self._error(key, "a number", text) from None
+
+    def _error(self, key: str, kind: str, text: str) -> InvalidTokenFileError:
+        return InvalidTokenFileError(f"{self.where}: metadata '{key}' must be {kind}, got {text!r}")
