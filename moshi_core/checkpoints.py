@@ -1,7 +1,8 @@
 """Loading Kyutai's released checkpoints into our modules, keys unchanged.
 
-The model is built on the `meta` device and the file's tensors are assigned in place, so
-loading costs one read of the file and no second copy of the weights.
+The model is built on the `meta` device, then given fresh storage and filled from the file.
+Copying (instead of assigning the file's tensors) costs one pass over the weights but gives
+64-byte aligned buffers, which the CPU matrix kernels read measurably faster.
 """
 
 import os
@@ -47,8 +48,9 @@ def load_module(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.
     """Fill a meta-device `model` from a safetensors file, strictly."""
     state = read_safetensors(path)
     check_state_dict(model, state, path.name)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
 
 
 def load_mimi(

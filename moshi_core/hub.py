@@ -96,14 +96,14 @@ def _download(source: ModelSource, filename: str) -> Path | None:
     where = f"{source.repo_id}/{filename}" + (f" at revision {source.revision}" if source.revision else "")
     try:
         return Path(hf_hub_download(source.repo_id, filename, revision=source.revision))
-    except hf_errors.EntryNotFoundError:
-        return None
     except hf_errors.LocalEntryNotFoundError as exc:
         raise ModelSourceError(
             f"cannot fetch {where}: it is not in the Hugging Face cache and the Hub cannot be "
             "reached (HF_HUB_OFFLINE is set or there is no network). Download it once with "
             "network access, or pass a local path."
         ) from exc
+    except hf_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
+        return None
     except hf_errors.GatedRepoError as exc:
         raise ModelSourceError(f"{source.repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
     except hf_errors.RepositoryNotFoundError as exc:

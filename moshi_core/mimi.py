@@ -7,8 +7,13 @@ Offline, `encode` right-pads the audio with zeros to a whole number of 1920-samp
 (the last partial frame becomes one more code frame) and `decode` returns
 `1920 * frames` samples; callers that know the source length trim to it (the token file
 stores it). Streaming works on whole frames: one frame in, one code frame out, and back.
+
+Offline runs the streaming code over chunks of 10 s: memory stays bounded for any file
+length, progress can be reported, and offline and streaming are one code path (every
+layer's streaming state reproduces exactly what the layer sees offline).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,9 @@ from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from .streaming import ResettableFields, StateGroup
 from .transformer import KVCache, ProjectedTransformer, TransformerConfig
+
+OFFLINE_CHUNK_FRAMES = 125  # 10 s per pass when encoding or decoding whole files
+Progress = Callable[[int, int], None]  # (frames done, frames in all)
 
 
 @dataclass
@@ -102,6 +110,7 @@ class MimiState(ResettableFields):
 
     encoder: MimiEncoderState
     decoder: MimiDecoderState
+    max_frames: int  # frames processed per pass; longer calls are split
 
     @property
     def batch_size(self) -> int:
@@ -144,10 +153,15 @@ class MimiModel(nn.Module):
 
     @num_codebooks.setter
     def num_codebooks(self, n: int) -> None:
+        self._num_codebooks = self._codebooks_to_use(n)
+
+    def _codebooks_to_use(self, n: int | None) -> int:
+        if n is None:
+            return self._num_codebooks
         total = self.cfg.quantizer.n_q
-        if not 1 <= n <= total:
+        if not isinstance(n, int) or not 1 <= n <= total:
             raise InvalidParameterError(f"the number of codebooks must be between 1 and {total}, not {n}")
-        self._num_codebooks = n
+        return n
 
     @property
     def _steps_per_frame(self) -> int:
@@ -155,24 +169,43 @@ class MimiModel(nn.Module):
 
     # -- offline ----------------------------------------------------------------------------
 
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav [B, 1, T] float in [-1, 1] -> codes [B, K, ceil(T / 1920)] int64."""
-        self._check_audio(wav)
-        pad = -wav.shape[-1] % self.frame_size
-        latent = self.encoder(F.pad(wav, (0, pad)))
-        latent = self.downsample(self.encoder_transformer(latent))
-        return self.quantizer.encode(latent, self.num_codebooks)
+    def encode(
+        self, wav: torch.Tensor, num_codebooks: int | None = None, progress: Progress | None = None
+    ) -> torch.Tensor:
+        """wav [B, 1, T] float in [-1, 1] -> codes [B, K, ceil(T / 1920)] int64.
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        K is `num_codebooks`, by default the model's `num_codebooks`.
+        """
+        self._check_audio(wav)
+        wav = F.pad(wav, (0, -wav.shape[-1] % self.frame_size))
+        state = self.init_state(wav.shape[0], max_frames=OFFLINE_CHUNK_FRAMES)
+
+        def step(chunk: torch.Tensor, state: MimiState) -> torch.Tensor:
+            return self.encode_step(chunk, state, num_codebooks)
+
+        return self._in_chunks(step, wav, self.frame_size, state, progress)
+
+    def decode(self, codes: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """codes [B, K, F] -> wav [B, 1, 1920 * F]."""
         self._check_codes(codes)
-        latent = self.upsample(self.quantizer.decode(codes))
-        return self.decoder(self.decoder_transformer(latent))
+        state = self.init_state(codes.shape[0], max_frames=OFFLINE_CHUNK_FRAMES)
+        return self._in_chunks(self.decode_step, codes, 1, state, progress)
+
+    @staticmethod
+    def _in_chunks(step, x: torch.Tensor, frame: int, state: "MimiState", progress: Progress | None):
+        total = x.shape[-1] // frame
+        outputs = []
+        for chunk in x.split(state.max_frames * frame, dim=-1):
+            outputs.append(step(chunk, state))
+            if progress is not None:
+                progress(min(len(outputs) * state.max_frames, total), total)
+        return torch.cat(outputs, dim=-1)
 
     # -- streaming --------------------------------------------------------------------------
 
-    def init_state(self, batch_size: int = 1) -> MimiState:
-        steps = self._steps_per_frame
+    def init_state(self, batch_size: int = 1, max_frames: int = 1) -> MimiState:
+        """State for `batch_size` independent streams; `max_frames` is the size of one pass."""
+        steps = self._steps_per_frame * max_frames
         return MimiState(
             encoder=MimiEncoderState(
                 seanet=self.encoder.init_state(batch_size),
@@ -184,11 +217,13 @@ class MimiModel(nn.Module):
                 transformer=self.decoder_transformer.init_state(batch_size, steps),
                 seanet=self.decoder.init_state(batch_size),
             ),
+            max_frames=max_frames,
         )
 
-    def encode_step(self, wav: torch.Tensor, state: MimiState) -> torch.Tensor:
+    def encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int | None = None) -> torch.Tensor:
         """wav [B, 1, n * 1920] -> codes [B, K, n], continuing the streams in `state`."""
         self._check_audio(wav, state)
+        num_codebooks = self._codebooks_to_use(num_codebooks)
         if wav.shape[-1] % self.frame_size:
             raise InvalidParameterError(
                 f"streaming encode takes whole frames of {self.frame_size} samples, "
@@ -196,23 +231,23 @@ class MimiModel(nn.Module):
             )
         st = state.encoder
         codes = []
-        for frame in wav.split(self.frame_size, dim=-1):
-            latent = self.encoder.step(frame, st.seanet)
+        for piece in wav.split(state.max_frames * self.frame_size, dim=-1):
+            latent = self.encoder.step(piece, st.seanet)
             latent = self.encoder_transformer.step(latent, st.transformer)
             latent = self.downsample.conv.step(latent, st.downsample)
-            codes.append(self.quantizer.encode(latent, self.num_codebooks))
+            codes.append(self.quantizer.encode(latent, num_codebooks))
         return torch.cat(codes, dim=-1)
 
     def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
         """codes [B, K, n] -> wav [B, 1, n * 1920], continuing the streams in `state`."""
         self._check_codes(codes, state)
         st = state.decoder
-        frames = []
-        for frame in codes.split(1, dim=-1):
-            latent = self.upsample.convtr.step(self.quantizer.decode(frame), st.upsample)
+        pieces = []
+        for piece in codes.split(state.max_frames, dim=-1):
+            latent = self.upsample.convtr.step(self.quantizer.decode(piece), st.upsample)
             latent = self.decoder_transformer.step(latent, st.transformer)
-            frames.append(self.decoder.step(latent, st.seanet))
-        return torch.cat(frames, dim=-1)
+            pieces.append(self.decoder.step(latent, st.seanet))
+        return torch.cat(pieces, dim=-1)
 
     # -- validation -------------------------------------------------------------------------
 

@@ -56,9 +56,9 @@ class ResnetBlock(nn.Module):
         super().__init__()
         hidden = dim // compress
         self.block = nn.Sequential(
-            nn.ELU(),
+            nn.ELU(),  # not in place: x is still needed for the skip
             StreamingConv1d(dim, hidden, kernel_size, dilation=dilation, pad_mode=pad_mode),
-            nn.ELU(),
+            nn.ELU(inplace=True),
             StreamingConv1d(hidden, dim, 1, pad_mode=pad_mode),
         )
 
@@ -118,10 +118,10 @@ class SeanetEncoder(_SeanetStack):
         for ratio in reversed(cfg.ratios):
             dim = mult * cfg.n_filters
             layers += _residual_blocks(cfg, dim)
-            layers += [nn.ELU(), StreamingConv1d(dim, dim * 2, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
+            layers += [nn.ELU(inplace=True), StreamingConv1d(dim, dim * 2, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
             mult *= 2
         layers += [
-            nn.ELU(),
+            nn.ELU(inplace=True),
             StreamingConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode),
         ]
         self.model = nn.Sequential(*layers)
@@ -138,11 +138,11 @@ class SeanetDecoder(_SeanetStack):
         ]
         for ratio in cfg.ratios:
             dim = mult * cfg.n_filters
-            layers += [nn.ELU(), StreamingConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)]
+            layers += [nn.ELU(inplace=True), StreamingConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)]
             layers += _residual_blocks(cfg, dim // 2)
             mult //= 2
         layers += [
-            nn.ELU(),
+            nn.ELU(inplace=True),
             StreamingConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode),
         ]
         self.model = nn.Sequential(*layers)

@@ -49,20 +49,18 @@ class TransformerConfig:
             raise ValueError("input/output projections of the transformer are not supported")
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, [B, 1, T, head_dim / 2], in float32."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> torch.Tensor:
+    """Unit complex rotations [B, 1, T, head_dim / 2] for RoPE, computed in float32."""
     half = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(half * (-math.log(max_period) * 2 / head_dim))
     angles = freqs * positions.float()[:, None, :, None]
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (real, imag) pairs of x [B, H, T, D]."""
-    pairs = x.unflatten(-1, (-1, 2)).float()
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.to(x.dtype).flatten(-2)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (real, imag) pairs of x [..., T, D] by complex `rotation`."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def window_mask(pos_q: torch.Tensor, pos_k: torch.Tensor, context: int | None) -> torch.Tensor:
@@ -118,15 +116,19 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        q, k, v = F.linear(x, self.in_proj_weight).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # each [B, H, T, D]
+    def _qkv(self, x: torch.Tensor, rotation: torch.Tensor):
+        B, T, _ = x.shape
+        qkv = F.linear(x.reshape(B * T, -1), self.in_proj_weight)
+        qkv = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, D]
+        q, k = apply_rope(qkv[:2], rotation)
+        return q, k, qkv[2]
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(y.transpose(1, 2).flatten(2))
+        B, _, T, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B * T, -1)).view(B, T, -1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, block: int) -> torch.Tensor:
+        q, k, v = self._qkv(x, rotation)
         T = x.shape[1]
         pos = torch.arange(T, device=x.device)[None]
         outputs = []
@@ -139,8 +141,8 @@ class Attention(nn.Module):
             ))
         return self._out(torch.cat(outputs, dim=2))
 
-    def step(self, x, cos, sin, keys, values, index, mask) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
+    def step(self, x, rotation, keys, values, index, mask) -> torch.Tensor:
+        q, k, v = self._qkv(x, rotation)
         write = index[:, None, :, None].expand_as(k)
         keys.scatter_(2, write, k)
         values.scatter_(2, write, v)
@@ -172,14 +174,15 @@ class TransformerLayer(nn.Module):
         self.layer_scale_2 = LayerScale(d) if has_scale else nn.Identity()
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(self.norm2(x)))))
+        h = self.norm2(x)
+        return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(h.flatten(0, 1)))).view_as(h))
 
-    def forward(self, x, cos, sin, block: int) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cos, sin, block))
+    def forward(self, x, rotation, block: int) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), rotation, block))
         return self._feed_forward(x)
 
-    def step(self, x, cos, sin, keys, values, index, mask) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), cos, sin, keys, values, index, mask))
+    def step(self, x, rotation, keys, values, index, mask) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), rotation, keys, values, index, mask))
         return self._feed_forward(x)
 
 
@@ -194,10 +197,10 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = rope_tables(pos, self.head_dim, self.cfg.max_period)
+        rotation = rope_rotation(pos, self.head_dim, self.cfg.max_period)
         block = max(self.cfg.context or x.shape[1], 1)
         for layer in self.layers:
-            x = layer(x, cos, sin, block)
+            x = layer(x, rotation, block)
         return x
 
     def init_state(self, batch_size: int, max_step: int = 1) -> KVCache:
@@ -216,10 +219,10 @@ class Transformer(nn.Module):
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         index, pos_q = cache.advance(x.shape[1])
-        cos, sin = rope_tables(pos_q, self.head_dim, self.cfg.max_period)
+        rotation = rope_rotation(pos_q, self.head_dim, self.cfg.max_period)
         mask = window_mask(pos_q, cache.positions, self.cfg.context)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            x = layer.step(x, cos, sin, keys, values, index, mask)
+            x = layer.step(x, rotation, keys, values, index, mask)
         return x
 
 

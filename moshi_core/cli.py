@@ -1,0 +1,137 @@
+"""`moshi-core` command line: Mimi encode/decode (more commands join as the models land)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import MoshiError
+from .hub import DEFAULT_MIMI_SOURCE
+
+MODEL_SOURCE_HELP = (
+    "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
+    "hf://OWNER/REPO/FILE URI, or a local file or folder; downloads honour HF_HOME, "
+    "HF_HUB_OFFLINE and HF_TOKEN"
+)
+
+
+class ProgressPrinter:
+    """Prints `label: 42% (5.0 s of 12.0 s)` to stderr, at most every half second."""
+
+    def __init__(self, label: str, seconds_per_frame: float, stream=sys.stderr) -> None:
+        self.label, self.seconds_per_frame, self.stream = label, seconds_per_frame, stream
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.5:
+            return
+        self.last = now
+        end = "\n" if done >= total or not self.stream.isatty() else "\r"
+        self.stream.write(
+            f"{self.label}: {100 * done // max(total, 1):3d}% "
+            f"({done * self.seconds_per_frame:.1f} s of {total * self.seconds_per_frame:.1f} s){end}"
+        )
+        self.stream.flush()
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mimi", default=DEFAULT_MIMI_SOURCE, metavar="SOURCE",
+        help=f"where the Mimi weights come from: {MODEL_SOURCE_HELP} (default: %(default)s)",
+    )
+    parser.add_argument("--revision", help="pin a Hub revision (branch, tag or commit) of --mimi")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moshi-core",
+        description="Kyutai's Mimi codec (and, as they land, Moshi) from the command line.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enc = sub.add_parser(
+        "encode", help="audio file(s) -> Mimi token file",
+        description=(
+            "Encode audio (wav, flac, ogg/opus, mp3; any rate and channel count, converted to "
+            "24 kHz mono) into Mimi codes at 12.5 frames per second, saved as a safetensors "
+            "token file. Several inputs are encoded as one batch into one file."
+        ),
+    )
+    enc.add_argument("audio", nargs="+", metavar="AUDIO", help="input audio file(s)")
+    enc.add_argument("-o", "--output", required=True, metavar="TOKENS", help="token file to write (.safetensors)")
+    enc.add_argument(
+        "-n", "--num-codebooks", type=int, default=8, metavar="K",
+        help="codebooks per frame, 1..32: 8 is what Moshi uses (1.1 kbps), 32 is the best quality (default: 8)",
+    )
+    enc.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+    _add_model_options(enc)
+
+    dec = sub.add_parser(
+        "decode", help="Mimi token file -> 24 kHz wav",
+        description=(
+            "Decode a token file written by `moshi-core encode` (or any file in that format) "
+            "back to 24 kHz mono 16-bit wav, trimmed to the source length. A batched file "
+            "gives one wav per item: OUT.0.wav, OUT.1.wav, ..."
+        ),
+    )
+    dec.add_argument("tokens", metavar="TOKENS", help="token file (.safetensors)")
+    dec.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
+    _add_model_options(dec)
+    return parser
+
+
+def _load_mimi(args: argparse.Namespace):
+    from .checkpoints import load_mimi
+    from .codec import resolve_device
+
+    return load_mimi(args.mimi, device=resolve_device(args.device), revision=args.revision)
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from .codec import encode_audio
+    from .tokens import save_tokens
+
+    mimi = _load_mimi(args)
+    progress = None if args.quiet else ProgressPrinter("encoding", 1 / mimi.frame_rate)
+    sources = args.audio if len(args.audio) > 1 else args.audio[0]
+    tokens = encode_audio(
+        mimi, sources, num_codebooks=args.num_codebooks, max_seconds=args.max_seconds, progress=progress
+    )
+    save_tokens(args.output, tokens)
+    if not args.quiet:
+        print(
+            f"wrote {args.output}: {tokens.batch_size} item(s), {tokens.num_codebooks} codebooks, "
+            f"{tokens.num_frames} frames", file=sys.stderr,
+        )
+
+
+def _decode(args: argparse.Namespace) -> None:
+    from .audio import write_wav
+    from .codec import decode_tokens
+    from .tokens import load_tokens
+
+    tokens = load_tokens(args.tokens)  # validate before paying for the model
+    mimi = _load_mimi(args)
+    progress = None if args.quiet else ProgressPrinter("decoding", 1 / mimi.frame_rate)
+    wavs = decode_tokens(mimi, tokens, progress=progress)
+    out = Path(args.output)
+    paths = [out] if not tokens.batched else [out.with_suffix(f".{i}{out.suffix}") for i in range(len(wavs))]
+    for path, wav in zip(paths, wavs):
+        write_wav(path, wav)
+        if not args.quiet:
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"encode": _encode, "decode": _decode}[args.command](args)
+    except MoshiError as exc:
+        print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,71 @@
+"""The Mimi codec jobs: audio file -> token file ("download Mimi tokens") and back.
+
+One function per direction, shared by the CLI, the web app and the API workers.
+"""
+
+import torch
+
+from .audio import AudioSource, load_audio
+from .errors import InvalidParameterError
+from .mimi import MimiModel, Progress
+from .tokens import MimiTokens, TokenSource, load_tokens
+
+
+def encode_audio(
+    mimi: MimiModel,
+    sources: AudioSource | list[AudioSource],
+    *,
+    num_codebooks: int = 8,
+    max_seconds: float | None = None,
+    progress: Progress | None = None,
+) -> MimiTokens:
+    """Encode one audio file (or a list, as one batch) into Mimi tokens.
+
+    A list of files is padded to the longest and encoded as one batch; each item's true
+    length is kept in the token file so decoding trims it back.
+    """
+    batched = isinstance(sources, list)
+    items = sources if batched else [sources]
+    if not items:
+        raise InvalidParameterError("no audio to encode")
+    wavs = [load_audio(s, max_seconds=max_seconds) for s in items]
+    lengths = [w.shape[-1] for w in wavs]
+    batch = torch.zeros(len(wavs), 1, max(lengths))
+    for i, w in enumerate(wavs):
+        batch[i, :, : w.shape[-1]] = w
+    device = next(mimi.parameters()).device
+    with torch.inference_mode():
+        codes = mimi.encode(batch.to(device), num_codebooks, progress=progress).cpu()
+    return MimiTokens(
+        codes=codes if batched else codes[0],
+        num_samples=lengths,
+        codec=mimi.checkpoint_id,
+        batched=batched,
+    )
+
+
+def decode_tokens(
+    mimi: MimiModel, tokens: MimiTokens | TokenSource, progress: Progress | None = None
+) -> list[torch.Tensor]:
+    """Decode a token file (or loaded tokens) into one 24 kHz waveform [1, T] per item."""
+    if not isinstance(tokens, MimiTokens):
+        tokens = load_tokens(tokens)
+    device = next(mimi.parameters()).device
+    with torch.inference_mode():
+        wav = mimi.decode(tokens.codes.to(device), progress=progress).cpu()
+    return [wav[i, :, :n] for i, n in enumerate(tokens.num_samples)]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or None (CUDA when available), checked against this machine."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidParameterError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("CUDA is not available on this machine (no GPU or a CPU-only PyTorch): use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidParameterError(f"device {name!r} is not supported: use cpu or cuda")
+    return device
