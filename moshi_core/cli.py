@@ -35,6 +35,16 @@ class ProgressPrinter:
         self.stream.flush()
 
 
+def _codebook_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 32:
+        raise argparse.ArgumentTypeError(f"the number of codebooks must be between 1 and 32, not {text!r}")
+    return n
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mimi", default=DEFAULT_MIMI_SOURCE, metavar="SOURCE",
@@ -65,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("audio", nargs="+", metavar="AUDIO", help="input audio file(s)")
     enc.add_argument("-o", "--output", required=True, metavar="TOKENS", help="token file to write (.safetensors)")
     enc.add_argument(
-        "-n", "--num-codebooks", type=int, default=8, metavar="K",
+        "-n", "--num-codebooks", type=_codebook_count, default=8, metavar="K",
         help="codebooks per frame, 1..32: 8 is what Moshi uses (1.1 kbps), 32 is the best quality (default: 8)",
     )
     enc.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
@@ -93,15 +103,14 @@ def _load_mimi(args: argparse.Namespace):
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from .codec import encode_audio
+    from .codec import encode_audio, load_batch
     from .tokens import save_tokens
 
+    wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
     mimi = _load_mimi(args)
     progress = None if args.quiet else ProgressPrinter("encoding", 1 / mimi.frame_rate)
-    sources = args.audio if len(args.audio) > 1 else args.audio[0]
-    tokens = encode_audio(
-        mimi, sources, num_codebooks=args.num_codebooks, max_seconds=args.max_seconds, progress=progress
-    )
+    audio = wavs if len(wavs) > 1 else wavs[0]
+    tokens = encode_audio(mimi, audio, num_codebooks=args.num_codebooks, progress=progress)
     save_tokens(args.output, tokens)
     if not args.quiet:
         print(

@@ -11,24 +11,29 @@ from .mimi import MimiModel, Progress
 from .tokens import MimiTokens, TokenSource, load_tokens
 
 
+def load_batch(sources: list[AudioSource], max_seconds: float | None = None) -> list[torch.Tensor]:
+    """Read and check every input before any model work, so bad input fails fast."""
+    if not sources:
+        raise InvalidParameterError("no audio to encode")
+    return [load_audio(s, max_seconds=max_seconds) for s in sources]
+
+
 def encode_audio(
     mimi: MimiModel,
-    sources: AudioSource | list[AudioSource],
+    audio: torch.Tensor | list[torch.Tensor],
     *,
     num_codebooks: int = 8,
-    max_seconds: float | None = None,
     progress: Progress | None = None,
 ) -> MimiTokens:
-    """Encode one audio file (or a list, as one batch) into Mimi tokens.
+    """Encode a 24 kHz mono waveform [1, T] (or a list of them, as one batch) into tokens.
 
-    A list of files is padded to the longest and encoded as one batch; each item's true
-    length is kept in the token file so decoding trims it back.
+    A list is padded to the longest item and encoded as one batch; each item's true length
+    is kept in the token file so decoding trims it back.
     """
-    batched = isinstance(sources, list)
-    items = sources if batched else [sources]
-    if not items:
+    batched = isinstance(audio, list)
+    wavs = audio if batched else [audio]
+    if not wavs:
         raise InvalidParameterError("no audio to encode")
-    wavs = [load_audio(s, max_seconds=max_seconds) for s in items]
     lengths = [w.shape[-1] for w in wavs]
     batch = torch.zeros(len(wavs), 1, max(lengths))
     for i, w in enumerate(wavs):

@@ -40,10 +40,10 @@ class StateGroup:
 
 
 class ResettableFields:
-    """Mixin for dataclass states whose fields are all sub-states (or None)."""
+    """Mixin for dataclass states: `reset` resets every field that is itself a state."""
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if value is not None:
+            if hasattr(value, "reset"):
                 value.reset(mask)

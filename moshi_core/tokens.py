@@ -193,13 +193,19 @@ def _validate(tokens: MimiTokens) -> None:
         raise InvalidTokenFileError(
             f"num_samples has {len(num_samples)} value(s) but the batch has {batch} item(s)"
         )
+    # Items of a batch are padded to the longest: each fits in the frames, the longest fills them.
     low, high = (frames - 1) * SAMPLES_PER_FRAME, frames * SAMPLES_PER_FRAME
     for i, n in enumerate(num_samples):
-        if not low < n <= high:
+        if not 0 < n <= high:
             raise InvalidTokenFileError(
-                f"num_samples[{i}] = {n} does not match {frames} frame(s): it must be in "
-                f"{low + 1}..{high} ({SAMPLES_PER_FRAME} samples per frame)"
+                f"num_samples[{i}] = {n} does not fit {frames} frame(s): it must be in "
+                f"1..{high} ({SAMPLES_PER_FRAME} samples per frame)"
             )
+    if not max(num_samples) > low:
+        raise InvalidTokenFileError(
+            f"num_samples (longest {max(num_samples)}) does not match {frames} frame(s): the longest item "
+            f"must be in {low + 1}..{high} ({SAMPLES_PER_FRAME} samples per frame)"
+        )
 
 
 def _is_integer(value: object) -> bool:

@@ -247,13 +247,22 @@ def test_num_samples_wrong_count(tmp_path: Path, text: str, count: int) -> None:
         load_tokens(path)
 
 
-@pytest.mark.parametrize("n", [17280, 19201, 0, -5])
-def test_num_samples_inconsistent_with_frames(tmp_path: Path, n: int) -> None:
+@pytest.mark.parametrize(("n", "expected"), [
+    (17280, "num_samples (longest 17280) does not match 10 frame(s)"),
+    (19201, "num_samples[0] = 19201 does not fit 10 frame(s)"),
+    (0, "num_samples[0] = 0 does not fit 10 frame(s)"),
+    (-5, "num_samples[0] = -5 does not fit 10 frame(s)"),
+])
+def test_num_samples_inconsistent_with_frames(tmp_path: Path, n: int, expected: str) -> None:
     # 10 frames cover 17281..19200 samples.
     path = _write(tmp_path / "t.safetensors", {"codes": _codes(8, 10)}, num_samples=str(n))
-    expected = re.escape(f"num_samples[0] = {n} does not match 10 frame(s)")
-    with pytest.raises(InvalidTokenFileError, match=expected):
+    with pytest.raises(InvalidTokenFileError, match=re.escape(expected)):
         load_tokens(path)
+
+
+def test_batch_items_may_be_shorter_than_the_longest(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.safetensors", {"codes": _codes(2, 8, 10)}, num_samples="500,19000")
+    assert load_tokens(path).num_samples == [500, 19000]
 
 
 @pytest.mark.parametrize("n", [17281, 19200])

@@ -1,0 +1,41 @@
+# The two commands of the README's quick start:
+#   make run    set up a virtualenv and start the app (http://127.0.0.1:7860)
+#   make test   set up a virtualenv with the test oracle and run the whole suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# pip takes an installed torch as satisfying the range in pyproject.toml; name the build
+# you want here (e.g. a CUDA wheel index) before the first `make`.
+TORCH ?= torch==2.13.0
+# The reference implementation: a test oracle only, never a runtime dependency.
+REFERENCE ?= moshi==0.2.13
+
+.PHONY: run test bench setup setup-test clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[app]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -e ".[app,test]"
+	$(PIP) install --no-deps "$(REFERENCE)"
+	touch $@
+
+setup: $(VENV)/.base
+setup-test: $(VENV)/.test
+
+run: setup
+	$(PY) app.py
+
+test: setup-test
+	$(PY) -m pytest -q
+
+bench: setup-test
+	$(PY) bench/mimi_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,111 @@
+"""Kyutai's reference implementation (`moshi==0.2.13`) as a test oracle.
+
+It is installed with `--no-deps` in the test environment only. These helpers build it with
+seeded random weights and write them in the official checkpoint format, so our loader reads
+the same kind of file a user downloads.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# The reference module names its fused attention weights `in_projs.0` / `out_projs.0`;
+# the released files store them as `in_proj_weight` / `out_proj.weight` (reference 1.11).
+_OFFICIAL_NAMES = {"self_attn.in_projs.0.weight": "self_attn.in_proj_weight",
+                   "self_attn.out_projs.0.weight": "self_attn.out_proj.weight"}
+
+
+def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, value in module.state_dict().items():
+        for internal, official in _OFFICIAL_NAMES.items():
+            key = key.replace(internal, official)
+        state[key] = value.detach().contiguous().clone()
+    return state
+
+
+def random_reference_mimi(calibration: torch.Tensor, seed: int = 0):
+    """The reference Mimi at the full official config, with every tensor random.
+
+    Default init leaves the codebooks empty and the layer scales at 0.01. The layer scales
+    are drawn larger so every transformer layer matters, and the codebooks are drawn around
+    the statistics of the latents of `calibration` audio [1, 1, T], so that real speech
+    spreads over many codes at every level instead of picking one centroid forever.
+    """
+    from moshi.models import loaders
+
+    torch.manual_seed(seed)
+    model = loaders.get_mimi(None, device="cpu").eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.4 + 0.1)
+        wav = calibration[..., : calibration.shape[-1] // 1920 * 1920]
+        latent = model.downsample(model.encoder_transformer(model.encoder(wav))[0])
+        for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
+            z = rvq.input_proj(latent)[0].T  # [frames, dim]
+            mean, std = z.mean(0), z.std(0)
+            for level, layer in enumerate(rvq.vq.layers):
+                book = layer._codebook
+                counts = torch.rand(book.cluster_usage.shape, generator=generator) * 2 + 0.5
+                centre, spread = (mean, std) if level == 0 else (torch.zeros_like(mean), std / (level + 1))
+                noise = torch.randn(book.embedding_sum.shape, generator=generator)
+                book.cluster_usage.copy_(counts)
+                book.embedding_sum.copy_((centre + spread * noise) * counts[:, None])
+                book._initialized.fill_(1.0)
+    return model
+
+
+def write_reference_mimi(path: Path, calibration: torch.Tensor, seed: int = 0) -> Path:
+    save_file(official_state_dict(random_reference_mimi(calibration, seed)), str(path))
+    return path
+
+
+def load_reference_mimi(path: Path, num_codebooks: int = 8):
+    """The reference's own loader on our file: proves the file is in the official format."""
+    from moshi.models import loaders
+
+    model = loaders.get_mimi(str(path), device="cpu").eval()
+    model.set_num_codebooks(num_codebooks)
+    return model
+
+
+def _reference_residual(ref, wav: torch.Tensor, frame: int, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual before `level`, centroids of `level`) in the reference's RVQ, for one frame."""
+    with torch.no_grad():
+        latent = ref.encoder(wav)
+        latent = ref.encoder_transformer(latent)[0]
+        latent = ref.downsample(latent)[..., frame : frame + 1]
+        split = ref.quantizer
+        rvq, first = (split.rvq_first, 0) if level == 0 else (split.rvq_rest, 1)
+        residual = rvq.input_proj(latent)[0, :, 0]
+        layers = rvq.vq.layers
+        for lower in range(first, level):
+            residual = residual - layers[lower - first]._codebook.embedding[codes[lower]]
+        return residual, layers[level - first]._codebook.embedding
+
+
+def assert_codes_equal_up_to_ties(codes: torch.Tensor, ref_codes: torch.Tensor, ref, wav: torch.Tensor,
+                                  rel_gap: float = 1e-4, max_fraction: float = 0.01) -> None:
+    """Codes [1, K, F] equal the reference's, except at exact nearest-centroid ties.
+
+    With random codebooks about one decision in a few thousand has its two nearest
+    centroids at the same distance to within float32 rounding; there, any change in the
+    order of a sum (the reference's own streaming vs offline included) may pick the other.
+    Each frame that differs must start differing at such a tie: the two codes' distances in
+    the reference differ by less than `rel_gap`, relatively.
+    """
+    assert codes.shape == ref_codes.shape
+    frames = (codes != ref_codes).any(dim=1)[0].nonzero().flatten().tolist()
+    assert len(frames) <= max(1, max_fraction * codes.shape[-1]), f"{len(frames)} frames differ: {frames}"
+    wav = wav[..., : ref_codes.shape[-1] * 1920]
+    for frame in frames:
+        level = int((codes[0, :, frame] != ref_codes[0, :, frame]).nonzero()[0])
+        residual, centroids = _reference_residual(ref, wav, frame, level, ref_codes[0, :, frame])
+        ours, theirs = codes[0, level, frame], ref_codes[0, level, frame]
+        d_ours = (residual - centroids[ours]).pow(2).sum()
+        d_theirs = (residual - centroids[theirs]).pow(2).sum()
+        gap = float((d_ours - d_theirs).abs() / d_theirs)
+        assert gap < rel_gap, f"frame {frame} level {level}: codes {ours} vs {theirs} are not a tie (gap {gap:.2e})"

@@ -1,0 +1,70 @@
+"""`moshi-core encode` / `decode` end to end, as a user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from moshi_core.tokens import load_tokens
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moshi_core", *map(str, args)], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_encode_then_decode_round_trip(tmp_path, shared_audio, mimi_checkpoint):
+    tokens, wav = tmp_path / "t.safetensors", tmp_path / "out.wav"
+    source = shared_audio / "en_question_44k_stereo.wav"
+    done = run_cli("encode", source, "-o", tokens, "--mimi", mimi_checkpoint, "-n", "16", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "encoding: 100%" in done.stderr
+    loaded = load_tokens(tokens)
+    assert loaded.codes.shape[:2] == (1, 16) and not loaded.batched
+    assert loaded.codec == mimi_checkpoint.name
+    info = sf.info(str(source))
+    assert loaded.num_samples == [round(info.frames * 24000 / info.samplerate)]
+
+    done = run_cli("decode", tokens, "-o", wav, "--mimi", mimi_checkpoint)
+    assert done.returncode == 0, done.stderr
+    out = sf.info(str(wav))
+    assert (out.samplerate, out.channels, out.frames) == (24000, 1, loaded.num_samples[0])
+
+
+def test_batch_encode_and_decode(tmp_path, shared_audio, mimi_checkpoint):
+    tokens = tmp_path / "batch.safetensors"
+    files = [shared_audio / "en_short_16k.wav", shared_audio / "en_question_24k.wav"]
+    assert run_cli("encode", *files, "-o", tokens, "--mimi", mimi_checkpoint, "-q").returncode == 0
+    loaded = load_tokens(tokens)
+    assert loaded.batched and loaded.batch_size == 2
+    done = run_cli("decode", tokens, "-o", tmp_path / "out.wav", "--mimi", mimi_checkpoint, "-q")
+    assert done.returncode == 0, done.stderr
+    lengths = [sf.info(str(tmp_path / f"out.{i}.wav")).frames for i in range(2)]
+    assert lengths == loaded.num_samples
+
+
+@pytest.mark.parametrize("args,message", [
+    (["encode", "missing.wav", "-o", "x.safetensors"], "does not exist"),
+    (["encode", "{audio}", "-o", "x.safetensors", "-n", "0"], "between 1 and 32"),
+    (["encode", "{audio}", "-o", "x.safetensors", "--device", "cuda"], "CUDA is not available"),
+    (["encode", "{audio}", "-o", "x.safetensors", "--device", "tpu"], "device"),
+    (["decode", "{audio}", "-o", "x.wav"], "not a readable safetensors file"),
+])
+def test_errors_are_one_clear_line(tmp_path, shared_audio, mimi_checkpoint, args, message):
+    args = [a.replace("{audio}", str(shared_audio / "en_short_16k.wav")) for a in args]
+    done = run_cli(*args, "--mimi", mimi_checkpoint)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_explains_every_flag():
+    done = run_cli("encode", "--help")
+    assert done.returncode == 0
+    for flag in ("--num-codebooks", "--mimi", "--revision", "--device", "--max-seconds", "--quiet"):
+        assert flag in done.stdout
