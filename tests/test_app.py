@@ -1,0 +1,75 @@
+"""The web app served for real, driven through Gradio's own client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from moshi_core.tokens import load_tokens
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(mimi_checkpoint):
+    port = _free_port()
+    env = {**os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+                assert response.status == 200
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"app did not start:\n{proc.stdout.read()}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_page_is_served(app_url):
+    with urllib.request.urlopen(app_url + "/", timeout=10) as response:
+        assert response.status == 200
+        assert "gradio" in response.read().decode().lower()
+
+
+def test_encode_then_decode_through_the_ui_api(app_url, shared_audio):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    tokens_path = client.predict(handle_file(str(shared_audio / "en_question_24k.wav")), 4, api_name="/encode")
+    tokens = load_tokens(tokens_path)
+    assert tokens.num_codebooks == 4 and tokens.num_frames == 87
+    audio_path = client.predict(handle_file(tokens_path), api_name="/decode")
+    import soundfile as sf
+
+    info = sf.info(audio_path)
+    assert info.samplerate == 24000 and info.frames == tokens.num_samples[0]
+
+
+def test_bad_token_file_gets_a_readable_error(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a token file" * 8)
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="not a readable safetensors file"):
+        client.predict(handle_file(str(bad)), api_name="/decode")
