@@ -1,17 +1,19 @@
-"""Causal 1-D convolutions that give the same output offline and streaming.
+"""Causal 1-D convolutions on channels-last activations [B, T, C], offline and streaming.
 
-A causal conv pads `kernel_eff - stride` samples on the left (zeros, or copies of the first
+A causal conv pads `kernel - stride` samples on the left (zeros, or copies of the first
 sample in `replicate` mode) and none on the right; streaming keeps those last input samples
 between calls. A causal transposed conv keeps the first `stride * frames` output samples.
 
-The transposed conv is computed as an ordinary causal conv with `kernel / stride` taps and
-`stride` times the output channels, whose channels are then interleaved in time (sub-pixel
-convolution). That is the same sum in another order, but its streaming state is input
-history like the plain conv's, and small streaming calls become one matrix product instead
-of PyTorch's slow transposed-conv path.
+Every conv here has a kernel that is a whole number `n` of strides `s`. Seen channels-last,
+the input is then a sequence of frames of `s * C` contiguous values, and the conv is the sum
+of `n` matrix products of shifted windows of those frames with `n` weight matrices: no
+im2col copy, no layout reorders, one GEMM per tap whether a call holds 2 steps (live) or a
+whole file. The plain convs keep their weight in that tap-major order: the parameter Kyutai's
+checkpoints name `[C_out, C_in, k]` is a strided view of it, so it loads unchanged.
 
-Module nesting (`conv.conv`, `convtr.convtr`) mirrors Kyutai's checkpoints so their keys
-load unchanged.
+A transposed conv is the same thing in reverse (sub-pixel convolution): `n` taps produce
+`s * C_out` values per input frame, which are `s` output samples. Its streaming state is
+then input history, like any conv's.
 """
 
 from dataclasses import dataclass
@@ -22,13 +24,10 @@ from torch import nn
 
 from .streaming import keep_mask
 
-# Below this many output steps a conv is faster as unfold + one GEMM than through oneDNN.
-GEMM_MAX_STEPS = 64
-
 
 @dataclass
 class ConvState:
-    previous: torch.Tensor  # [B, C_in, P]: last P input samples
+    previous: torch.Tensor  # [B, P, C_in]: last P input samples
     first: torch.Tensor | None  # [B] bool: replicate padding not taken yet (replicate mode only)
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -37,24 +36,34 @@ class ConvState:
             self.first.copy_(torch.ones_like(self.first) if mask is None else self.first | mask)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int) -> torch.Tensor:
-    """Valid (unpadded) conv of x [B, C_in, L]; the caller has prepended the causal context."""
-    kernel = weight.shape[-1]
-    steps = (x.shape[-1] - kernel) // stride + 1
-    if groups > 1 or steps > GEMM_MAX_STEPS:
-        return F.conv1d(x, weight, bias, stride, groups=groups)
-    B, C = x.shape[:2]
-    cols = x.unfold(2, kernel, stride).transpose(1, 2).reshape(B * steps, C * kernel)
-    out = F.linear(cols, weight.view(weight.shape[0], -1), bias)  # [B * steps, C_out]
-    return out.view(B, steps, -1).transpose(1, 2)
+def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """sum_m frames[:, t + m] @ taps[m] (+ bias): frames [B, T + n - 1, D], taps [n, D, E] -> [B, T, E]."""
+    n = taps.shape[0]
+    B, steps = frames.shape[0], frames.shape[1] - n + 1
+    window = frames[:, :steps].reshape(B * steps, -1)  # a view when B == 1
+    out = torch.addmm(bias, window, taps[0]) if bias is not None else window @ taps[0]
+    for m in range(1, n):
+        out.addmm_(frames[:, m : m + steps].reshape(B * steps, -1), taps[m])
+    return out.view(B, steps, -1)
 
 
 class NormConv1d(nn.Module):
-    """Holds the `nn.Conv1d` one level down, as in the checkpoints (weight norm is pre-folded)."""
+    """Holds a conv's `weight` and `bias` one level down, as in the checkpoints.
 
-    def __init__(self, *args, **kwargs) -> None:
+    `weight` is shaped `[C_out, C_in, k]` like `nn.Conv1d`'s but stored tap-major
+    (`[k, C_in, C_out]` in memory), the order the tap GEMMs read.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(*args, **kwargs)
+        self.conv = nn.Module()
+        storage = torch.empty(kernel_size, in_channels, out_channels)
+        self.conv.weight = nn.Parameter(storage.permute(2, 1, 0))
+        self.conv.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        bound = (in_channels * kernel_size) ** -0.5  # nn.Conv1d's init, for untrained use
+        nn.init.uniform_(self.conv.weight, -bound, bound)
+        if bias:
+            nn.init.uniform_(self.conv.bias, -bound, bound)
 
 
 class NormConvTranspose1d(nn.Module):
@@ -64,79 +73,81 @@ class NormConvTranspose1d(nn.Module):
 
 
 class _CausalBase(nn.Module):
-    """Shared streaming logic: keep `padding` input samples of history per stream."""
+    """Streaming logic shared by both convs: keep `padding` input samples per stream."""
 
     padding: int
+    in_channels: int
     pad_mode: str = "constant"
 
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
-        """(weight, bias, stride, groups) of the equivalent causal conv."""
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of x [B, padding + L, C_in], left context included."""
         raise NotImplementedError
 
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        return y
-
-    def _check(self, x: torch.Tensor) -> None:
-        stride = self._weights()[2]
-        if x.shape[-1] % stride:
-            raise ValueError(f"input length {x.shape[-1]} is not a multiple of the stride {stride}")
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, stride, groups = self._weights()
-        return self._finish(causal_conv(x, weight, bias, stride, groups))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return self._run(F.pad(x, (self.padding, 0), mode=self.pad_mode))
+        """Offline: x [B, L, C_in] from the start of the stream."""
+        if self.pad_mode == "replicate":
+            x = torch.cat([x[:, :1].expand(-1, self.padding, -1), x], dim=1)
+        else:
+            x = F.pad(x, (0, 0, self.padding, 0))
+        return self._run(x)
 
     def init_state(self, batch_size: int) -> ConvState:
-        weight = self._weights()[0]
-        channels = weight.shape[1] * self._weights()[3]
-        previous = weight.new_zeros(batch_size, channels, self.padding)
+        ref = next(self.parameters())
+        previous = ref.new_zeros(batch_size, self.padding, self.in_channels)
         first = None
         if self.pad_mode == "replicate":
-            first = torch.ones(batch_size, dtype=torch.bool, device=weight.device)
+            first = torch.ones(batch_size, dtype=torch.bool, device=ref.device)
         return ConvState(previous, first)
 
     def step(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
-        self._check(x)
         previous = state.previous
         if state.first is not None:
-            previous = torch.where(state.first.view(-1, 1, 1), x[..., :1], previous)
+            previous = torch.where(state.first.view(-1, 1, 1), x[:, :1], previous)
             state.first.zero_()
-        x = torch.cat([previous, x], dim=-1)
+        x = torch.cat([previous, x], dim=1)
         if self.padding:
-            state.previous.copy_(x[..., x.shape[-1] - self.padding:])
+            state.previous.copy_(x[:, x.shape[1] - self.padding :])
         return self._run(x)
 
 
 class StreamingConv1d(_CausalBase):
+    """Causal conv with kernel a multiple of its stride (all of Mimi's are)."""
+
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         kernel_size: int,
         stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
         bias: bool = True,
         pad_mode: str = "constant",
     ) -> None:
         super().__init__()
         if pad_mode not in ("constant", "replicate"):
             raise ValueError(f"pad_mode must be 'constant' or 'replicate', not {pad_mode!r}")
-        if dilation != 1:
-            raise ValueError("dilated convolutions are not used by Mimi and not supported")
-        self.conv = NormConv1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        if kernel_size % stride:
+            raise ValueError(f"kernel {kernel_size} must be a multiple of the stride {stride}")
+        self.conv = NormConv1d(in_channels, out_channels, kernel_size, bias)
+        self.in_channels, self.stride = in_channels, stride
         self.padding = kernel_size - stride
         self.pad_mode = pad_mode
 
-    def _weights(self):
-        conv = self.conv.conv
-        return conv.weight, conv.bias, conv.stride[0], conv.groups
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        if L % self.stride:
+            raise ValueError(f"input length {L - self.padding} is not a multiple of the stride {self.stride}")
+        weight = self.conv.conv.weight  # [C_out, C_in, k], stored as [k, C_in, C_out]
+        k, c_out = weight.shape[2], weight.shape[0]
+        taps = weight.permute(2, 1, 0).reshape(k // self.stride, self.stride * C, c_out)  # a view
+        return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias)
 
 
 class StreamingConvTranspose1d(_CausalBase):
+    """Causal transposed conv (kernel a multiple of the stride), as a sub-pixel conv.
+
+    `groups` may be 1 or the number of channels (depthwise, as Mimi's upsampling).
+    """
+
     def __init__(
         self,
         in_channels: int,
@@ -149,8 +160,10 @@ class StreamingConvTranspose1d(_CausalBase):
         super().__init__()
         if kernel_size % stride:
             raise ValueError(f"kernel {kernel_size} must be a multiple of the stride {stride}")
+        if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
+            raise ValueError("only dense or depthwise transposed convs are supported")
         self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
-        self.taps = kernel_size // stride
+        self.in_channels, self.stride, self.taps = in_channels, stride, kernel_size // stride
         self.padding = self.taps - 1
         self._subpixel: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -162,24 +175,28 @@ class StreamingConvTranspose1d(_CausalBase):
         self._subpixel = None
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _weights(self):
-        convtr = self.convtr.convtr
-        stride, groups = convtr.stride[0], convtr.groups
+    def _subpixel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Taps [n, C_in, S * C_out] (or [n, S, C] depthwise), reversed in time, and the bias."""
         if self._subpixel is None:
-            # [C_in, C_out/g, taps * S] -> [C_out * S, C_in/g, taps], taps reversed, so that
-            # output channel o*S + j of the conv is phase j of transposed-conv channel o.
-            c_in, c_out_g, _ = convtr.weight.shape
-            w = convtr.weight.detach().view(groups, c_in // groups, c_out_g, self.taps, stride)
-            w = w.flip(3).permute(0, 2, 4, 1, 3).reshape(groups * c_out_g * stride, c_in // groups, self.taps)
-            b = None if convtr.bias is None else convtr.bias.detach().repeat_interleave(stride)
-            self._subpixel = (w.contiguous(), b)
-        w, b = self._subpixel
-        return w, b, 1, groups
+            convtr, n, s = self.convtr.convtr, self.taps, self.stride
+            w = convtr.weight.detach()  # [C_in, C_out / groups, n * s]
+            if convtr.groups == 1:
+                taps = w.view(w.shape[0], w.shape[1], n, s).permute(2, 0, 3, 1).flip(0)
+                taps = taps.reshape(n, w.shape[0], s * w.shape[1])
+            else:
+                taps = w.view(w.shape[0], n, s).permute(1, 2, 0).flip(0)  # [n, S, C]
+            bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
+            self._subpixel = (taps.contiguous(), bias)
+        return self._subpixel
 
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        B, C, T = y.shape
-        stride = self.convtr.convtr.stride[0]
-        return y.view(B, C // stride, stride, T).transpose(2, 3).reshape(B, C // stride, T * stride)
-
-    def _check(self, x: torch.Tensor) -> None:
-        pass  # any number of input frames is valid
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        taps, bias = self._subpixel_weights()
+        B, L, C = x.shape
+        steps = L - self.padding
+        if self.convtr.convtr.groups == 1:
+            out = tap_conv(x, taps, bias)  # [B, T, S * C_out], phase-major per frame
+        else:
+            out = sum(x[:, m : m + steps, None, :] * taps[m] for m in range(self.taps))  # [B, T, S, C]
+            if bias is not None:
+                out = out + bias.view(self.stride, -1)
+        return out.reshape(B, steps * self.stride, -1)

@@ -80,13 +80,14 @@ class ResidualVectorQuantizer(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
-        """[B, input_dim, T] -> codes [B, n_q, T]: greedy nearest centroid on the residual.
+        """[B, T, input_dim] -> codes [B, n_q, T]: greedy nearest centroid on the residual.
 
         Squared distances are |x|^2 - 2 x.e + |e|^2 as one product of padded rows, the way
         `torch.cdist` computes them, with the centroid side precomputed once; the argmin
         therefore matches Kyutai's (which calls cdist) bit for bit.
         """
-        residual = self.input_proj(x).transpose(1, 2).reshape(-1, self.input_proj.out_channels)
+        B, T, _ = x.shape
+        residual = F.linear(x.reshape(B * T, -1), self.input_proj.weight[..., 0])
         centroids, padded = self._lookup_tables()
         ones = residual.new_ones(residual.shape[0], 1)
         codes = []
@@ -95,17 +96,18 @@ class ResidualVectorQuantizer(nn.Module):
             index = (query @ padded[level].T).clamp_min_(0).argmin(dim=-1)
             residual = residual - centroids[level][index]
             codes.append(index)
-        B, T = x.shape[0], x.shape[-1]
         return torch.stack(codes, dim=-1).view(B, T, n_q).transpose(1, 2)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, K, T] -> [B, output_dim, T]; levels are summed before the projection."""
+        """codes [B, K, T] -> [B, T, output_dim]; levels are summed before the projection."""
         centroids = self._lookup_tables()[0]
         quantized = sum(F.embedding(codes[:, k], centroids[k]) for k in range(codes.shape[1]))
-        return self.output_proj(quantized.transpose(1, 2))
+        return F.linear(quantized, self.output_proj.weight[..., 0])
 
 
 class SplitResidualVectorQuantizer(nn.Module):
+    """Latents [B, T, 512] <-> codes [B, K, T]."""
+
     def __init__(self, cfg: QuantizerConfig) -> None:
         super().__init__()
         self.cfg = cfg

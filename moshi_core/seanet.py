@@ -32,6 +32,7 @@ class SeanetConfig:
 
     def __post_init__(self) -> None:
         unsupported = {
+            "n_residual_layers": (self.n_residual_layers, 1),  # more would need dilated convs
             "causal": (self.causal, True),
             "activation": (self.activation, "ELU"),
             "norm": (self.norm, "none"),
@@ -52,12 +53,12 @@ class SeanetConfig:
 class ResnetBlock(nn.Module):
     """x + conv(elu(conv(elu(x)))): kernel k then 1, hidden dim // compress, identity skip."""
 
-    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int, pad_mode: str) -> None:
+    def __init__(self, dim: int, kernel_size: int, compress: int, pad_mode: str) -> None:
         super().__init__()
         hidden = dim // compress
         self.block = nn.Sequential(
             nn.ELU(),  # not in place: x is still needed for the skip
-            StreamingConv1d(dim, hidden, kernel_size, dilation=dilation, pad_mode=pad_mode),
+            StreamingConv1d(dim, hidden, kernel_size, pad_mode=pad_mode),
             nn.ELU(inplace=True),
             StreamingConv1d(hidden, dim, 1, pad_mode=pad_mode),
         )
@@ -85,7 +86,10 @@ def _step_all(layers: nn.Module, x: torch.Tensor, state: StateGroup) -> torch.Te
 
 
 class _SeanetStack(nn.Module):
-    """A `model` list of layers (indices as in the checkpoints) run offline or streaming."""
+    """A `model` list of layers (indices as in the checkpoints) run offline or streaming.
+
+    Activations are channels-last, [B, T, C], as the convs expect.
+    """
 
     model: nn.Sequential
 
@@ -100,14 +104,11 @@ class _SeanetStack(nn.Module):
 
 
 def _residual_blocks(cfg: SeanetConfig, dim: int) -> list[nn.Module]:
-    return [
-        ResnetBlock(dim, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress, cfg.pad_mode)
-        for j in range(cfg.n_residual_layers)
-    ]
+    return [ResnetBlock(dim, cfg.residual_kernel_size, cfg.compress, cfg.pad_mode)]
 
 
 class SeanetEncoder(_SeanetStack):
-    """[B, channels, T] audio -> [B, dimension, T / hop] latent."""
+    """[B, T, channels] audio -> [B, T / hop, dimension] latent."""
 
     def __init__(self, cfg: SeanetConfig) -> None:
         super().__init__()
@@ -128,7 +129,7 @@ class SeanetEncoder(_SeanetStack):
 
 
 class SeanetDecoder(_SeanetStack):
-    """[B, dimension, S] latent -> [B, channels, S * hop] audio (no final activation)."""
+    """[B, S, dimension] latent -> [B, S * hop, channels] audio (no final activation)."""
 
     def __init__(self, cfg: SeanetConfig) -> None:
         super().__init__()

@@ -227,17 +227,20 @@ class Transformer(nn.Module):
 
 
 class ProjectedTransformer(nn.Module):
-    """Transformer on conv-layout tensors [B, C, T] (identity input/output projections)."""
+    """Mimi's wrapper (its input/output projections are identities here): keys `transformer.*`.
+
+    Works on [B, T, C]; the `conv_layout` of Kyutai's config is about their layout, not ours.
+    """
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.transformer = Transformer(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x.transpose(1, 2)).transpose(1, 2)
+        return self.transformer(x)
 
     def init_state(self, batch_size: int, max_step: int = 1) -> KVCache:
         return self.transformer.init_state(batch_size, max_step)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.transformer.step(x.transpose(1, 2), cache).transpose(1, 2)
+        return self.transformer.step(x, cache)
