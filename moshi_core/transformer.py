@@ -36,6 +36,7 @@ class TransformerConfig:
     output_dimensions: tuple[int, ...] = (512,)
 
     def __post_init__(self) -> None:
+        self.output_dimensions = tuple(self.output_dimensions)  # JSON gives a list
         checks = {
             "causal": (self.causal, True),
             "gating": (self.gating, "none"),

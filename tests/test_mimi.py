@@ -86,3 +86,15 @@ def test_bad_inputs_are_refused(our_mimi):
         our_mimi.decode(torch.zeros(1, 8, 2))
     with pytest.raises(InvalidParameterError, match="state of 1 streams"):
         our_mimi.decode_step(torch.zeros(2, 8, 1, dtype=torch.long), state)
+
+
+def test_config_accepts_the_official_keys():
+    from moshi.models import loaders
+
+    from moshi_core.mimi import MimiConfig
+
+    official = {"seanet": loaders._seanet_kwargs, "transformer": loaders._transformer_kwargs,
+                "quantizer": loaders._quantizer_kwargs, "sample_rate": 24000, "channels": 1, "frame_rate": 12.5}
+    assert MimiConfig.from_dict(official) == MimiConfig()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MimiConfig.from_dict({"seanet": dict(loaders._seanet_kwargs, n_filterz=64)})
