@@ -40,7 +40,9 @@ class MimiConfig:
     channels: int = 1
     frame_rate: float = 12.5
     seanet: SeanetConfig = field(default_factory=SeanetConfig)
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    transformer: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(input_dimension=512, output_dimensions=(512,))
+    )
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     num_codebooks: int = 8
 

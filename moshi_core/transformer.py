@@ -1,13 +1,19 @@
-"""Causal transformer with interleaved RoPE, a sliding attention window and a ring KV cache.
+"""Causal streaming transformer: Mimi's two, Moshi's temporal one and its depth transformer.
 
-Offline, `forward(x)` attends over the whole sequence (in blocks, so memory stays bounded
-on long inputs). Streaming, `step(x, state)` appends T steps to a per-layer ring cache.
-The ring holds `context + max_step - 1` entries, so every query of a multi-step call still
-sees its full window and streaming equals offline at any length.
+One code path: `step(x, cache)` appends T steps to a per-layer ring KV cache, and offline
+`forward(x)` is `step` on a fresh cache sized for the whole input. The ring holds
+`context + max_step - 1` entries, so every query of a multi-step call still sees its whole
+attention window and streaming equals offline at any length.
+
+Options follow Kyutai's config keys: norms (`layer_norm`, `layer_norm_f32`, `rms_norm`,
+`rms_norm_f32`), plain GELU MLP or gated (`gating="silu"`), positions (`rope` interleaved,
+`sin`, `none`), optional layer scale, and separate weights for each step of a short
+sequence (`weights_per_step`, optionally shared through `weights_per_step_schedule`), which
+the depth transformer uses across codebooks.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,39 +21,63 @@ from torch import nn
 
 from .streaming import keep_mask
 
+NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
+POSITIONS = ("rope", "sin", "none")
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
 
 @dataclass
 class TransformerConfig:
-    """Official keys of Kyutai's `transformer` config (the subset these models use)."""
+    """Official keys of Kyutai's transformer configs (Mimi's `transformer`, the LM's)."""
 
     d_model: int = 512
     num_heads: int = 8
     num_layers: int = 8
+    dim_feedforward: int = 2048
     causal: bool = True
     layer_scale: float | None = 0.01
     context: int | None = 250
-    conv_layout: bool = True
     max_period: float = 10000
     gating: str = "none"
     norm: str = "layer_norm"
     positional_embedding: str = "rope"
-    dim_feedforward: int = 2048
-    input_dimension: int = 512
-    output_dimensions: tuple[int, ...] = (512,)
+    positional_scale: float = 1.0
+    weights_per_step: int = 0
+    weights_per_step_schedule: list[int] | None = None
+    conv_layout: bool = True  # Kyutai's tensor layout; ours is always [B, T, C]
+    input_dimension: int | None = None
+    output_dimensions: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         self.output_dimensions = tuple(self.output_dimensions)  # JSON gives a list
-        checks = {
-            "causal": (self.causal, True),
-            "gating": (self.gating, "none"),
-            "norm": (self.norm, "layer_norm"),
-            "positional_embedding": (self.positional_embedding, "rope"),
-        }
-        for key, (value, expected) in checks.items():
-            if value != expected:
-                raise ValueError(f"transformer.{key}={value!r} is not supported (only {expected!r})")
-        if tuple(self.output_dimensions) != (self.d_model,) or self.input_dimension != self.d_model:
+        if not self.causal:
+            raise ValueError("transformer.causal=False is not supported")
+        if self.norm not in NORMS:
+            raise ValueError(f"transformer.norm={self.norm!r} is not supported (one of {NORMS})")
+        if self.positional_embedding not in POSITIONS:
+            raise ValueError(f"transformer.positional_embedding={self.positional_embedding!r} is not supported")
+        if self.gating != "none" and self.gating not in ACTIVATIONS:
+            raise ValueError(f"transformer.gating={self.gating!r} is not supported")
+        if any(d != self.d_model for d in self.output_dimensions) or self.input_dimension not in (None, self.d_model):
             raise ValueError("input/output projections of the transformer are not supported")
+        schedule = self.weights_per_step_schedule
+        if schedule is not None and len(schedule) != self.weights_per_step:
+            raise ValueError("weights_per_step_schedule needs one entry per step")
+
+    @property
+    def weight_sets(self) -> int:
+        """How many copies of the per-step weights exist (1 when shared across steps)."""
+        if not self.weights_per_step:
+            return 1
+        schedule = self.weights_per_step_schedule
+        return max(schedule) + 1 if schedule else self.weights_per_step
+
+    def weight_index(self, step: int) -> int:
+        schedule = self.weights_per_step_schedule
+        return schedule[step] if schedule else step
+
+
+# -- positions -----------------------------------------------------------------------------
 
 
 def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> torch.Tensor:
@@ -64,6 +94,13 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def sin_embedding(positions: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+    """[cos | sin] of position / max_period^(i / (dim/2 - 1)), [B, T, dim] in float32."""
+    half = torch.arange(dim // 2, device=positions.device, dtype=torch.float32)
+    phase = positions.float()[..., None] / (torch.tensor(max_period, device=positions.device) ** (half / (dim // 2 - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
 def window_mask(pos_q: torch.Tensor, pos_k: torch.Tensor, context: int | None) -> torch.Tensor:
     """[B, 1, Tq, Tk] True where query may attend key: causal, within `context`, key present."""
     delta = pos_q[:, :, None] - pos_k[:, None, :]
@@ -73,29 +110,33 @@ def window_mask(pos_q: torch.Tensor, pos_k: torch.Tensor, context: int | None) -
     return allowed[:, None]
 
 
+# -- cache ---------------------------------------------------------------------------------
+
+
 @dataclass
 class KVCache:
-    """Ring buffers shared by position bookkeeping across layers."""
+    """Per-layer ring buffers with shared position bookkeeping."""
 
     keys: list[torch.Tensor]  # per layer [B, H, C, D]
     values: list[torch.Tensor]
     positions: torch.Tensor  # [B, C] absolute position held in each slot, -1 if empty
     offset: torch.Tensor  # [B] next absolute position
     max_step: int
+    steps: int = 0  # steps taken since the last full reset: selects per-step weights
 
     @property
     def capacity(self) -> int:
         return self.positions.shape[1]
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
-        keep = keep_mask(mask, 2)
+        # Stale keys are masked out by `positions`; the buffers need no clearing.
         if mask is None:
             self.positions.fill_(-1)
             self.offset.zero_()
+            self.steps = 0
         else:
             self.positions.copy_(torch.where(mask[:, None], -1, self.positions))
-            self.offset.mul_(keep.view(-1))
-        # Stale keys are masked out by `positions`; the buffers need no clearing.
+            self.offset.mul_(keep_mask(mask, 1))
 
     def advance(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Claim `steps` slots; returns the write indices [B, T] and query positions [B, T]."""
@@ -105,49 +146,106 @@ class KVCache:
         index = pos_q % self.capacity
         self.positions.scatter_(1, index, pos_q)
         self.offset.add_(steps)
+        self.steps += steps
         return index, pos_q
 
 
-class Attention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, context: int | None) -> None:
+@dataclass
+class _StepContext:
+    """What every layer of one call shares."""
+
+    rotation: torch.Tensor | None
+    index: torch.Tensor
+    mask: torch.Tensor
+    first_step: int
+
+
+# -- layers --------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x * alpha / sqrt(eps + mean(x^2)), optionally computed in float32."""
+
+    def __init__(self, dim: int, eps: float, in_float32: bool) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.context = context
-        # Fused [q | k | v] projection, named as in the checkpoints.
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.eps, self.in_float32 = eps, in_float32
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
-    def _qkv(self, x: torch.Tensor, rotation: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() if self.in_float32 else x
+        var = self.eps + y.pow(2).mean(dim=-1, keepdim=True)
+        return (y * (self.alpha.to(var) * torch.rsqrt(var))).to(x.dtype)
+
+
+class LayerNormF32(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "layer_norm_f32":
+        return LayerNormF32(dim, eps=1e-8)
+    return RMSNorm(dim, eps=1e-8 if kind == "rms_norm_f32" else 1e-5, in_float32=kind == "rms_norm_f32")
+
+
+def _per_step(x: torch.Tensor, first_step: int, cfg: TransformerConfig, apply) -> torch.Tensor:
+    """apply(x_t [B, 1, C], weight set) for each step, or once when weights are shared."""
+    if cfg.weight_sets == 1:
+        return apply(x, 0)
+    if first_step + x.shape[1] > cfg.weights_per_step:
+        raise ValueError(f"step {first_step + x.shape[1]} is past the {cfg.weights_per_step} per-step weights")
+    return torch.cat([apply(x[:, t : t + 1], cfg.weight_index(first_step + t)) for t in range(x.shape[1])], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d, sets = cfg.d_model, cfg.weight_sets
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        # Fused [q | k | v] projections (one block of rows per weight set), named as in the checkpoints.
+        self.in_proj_weight = nn.Parameter(torch.empty(sets * 3 * d, d))
+        self.out_proj = nn.Linear(d, sets * d, bias=False)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, first_step: int) -> torch.Tensor:
+        rows = weight.shape[0] // self.cfg.weight_sets
+
+        def apply(x_t: torch.Tensor, i: int) -> torch.Tensor:
+            B, T, _ = x_t.shape
+            return F.linear(x_t.reshape(B * T, -1), weight[i * rows : (i + 1) * rows]).view(B, T, -1)
+
+        return _per_step(x, first_step, self.cfg, apply)
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = F.linear(x.reshape(B * T, -1), self.in_proj_weight)
-        qkv = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, D]
-        q, k = apply_rope(qkv[:2], rotation)
-        return q, k, qkv[2]
-
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        B, _, T, _ = y.shape
-        return self.out_proj(y.transpose(1, 2).reshape(B * T, -1)).view(B, T, -1)
-
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor, block: int) -> torch.Tensor:
-        q, k, v = self._qkv(x, rotation)
-        T = x.shape[1]
-        pos = torch.arange(T, device=x.device)[None]
-        outputs = []
-        for start in range(0, T, block):
-            end = min(start + block, T)
-            first_key = 0 if self.context is None else max(0, start - self.context + 1)
-            mask = window_mask(pos[:, start:end], pos[:, first_key:end], self.context)
-            outputs.append(F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, first_key:end], v[:, :, first_key:end], attn_mask=mask
-            ))
-        return self._out(torch.cat(outputs, dim=2))
-
-    def step(self, x, rotation, keys, values, index, mask) -> torch.Tensor:
-        q, k, v = self._qkv(x, rotation)
-        write = index[:, None, :, None].expand_as(k)
+        qkv = self._project(x, self.in_proj_weight, ctx.first_step)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+        if ctx.rotation is not None:
+            q, k = apply_rope(torch.stack([q, k]), ctx.rotation)
+        write = ctx.index[:, None, :, None].expand_as(k)
         keys.scatter_(2, write, k)
         values.scatter_(2, write, v)
-        return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
+        return self._project(y.transpose(1, 2).reshape(B, T, -1), self.out_proj.weight, ctx.first_step)
+
+
+class ActivationGating(nn.Module):
+    """linear_out(act(gate) * up), with [gate | up] = linear_in(x)."""
+
+    def __init__(self, dim: int, dim_feedforward: int, activation: str) -> None:
+        super().__init__()
+        # Kyutai's sizing: 2/3 of dim_feedforward, or 21/8 of dim when that is 4 * dim.
+        hidden = (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_in(x).unflatten(-1, (2, -1)).unbind(-2)
+        return self.linear_out(self.activation(gate) * up)
 
 
 class LayerScale(nn.Module):
@@ -160,31 +258,40 @@ class LayerScale(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + ls1 * attn(norm1 x); x + ls2 * linear2(gelu(linear1(norm2 x)))."""
+    """Pre-norm block: x + ls1 * attn(norm1 x), then x + ls2 * mlp(norm2 x)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         d = cfg.d_model
-        self.self_attn = Attention(d, cfg.num_heads, cfg.context)
-        self.norm1 = nn.LayerNorm(d, eps=1e-5)
-        self.norm2 = nn.LayerNorm(d, eps=1e-5)
-        self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
-        self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        self.cfg = cfg
+        self.self_attn = Attention(cfg)
+        self.norm1 = make_norm(cfg.norm, d)
+        self.norm2 = make_norm(cfg.norm, d)
+        if cfg.gating == "none":
+            self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
+            self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        elif cfg.weight_sets > 1:
+            self.gating = nn.ModuleList(
+                [ActivationGating(d, cfg.dim_feedforward, cfg.gating) for _ in range(cfg.weight_sets)]
+            )
+        else:
+            self.gating = ActivationGating(d, cfg.dim_feedforward, cfg.gating)
         has_scale = cfg.layer_scale is not None
         self.layer_scale_1 = LayerScale(d) if has_scale else nn.Identity()
         self.layer_scale_2 = LayerScale(d) if has_scale else nn.Identity()
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm2(x)
-        return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(h.flatten(0, 1)))).view_as(h))
+    def _mlp(self, h: torch.Tensor, first_step: int) -> torch.Tensor:
+        if self.cfg.gating == "none":
+            return self.linear2(F.gelu(self.linear1(h)))
+        if isinstance(self.gating, nn.ModuleList):
+            return _per_step(h, first_step, self.cfg, lambda h_t, i: self.gating[i](h_t))
+        return self.gating(h)
 
-    def forward(self, x, rotation, block: int) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), rotation, block))
-        return self._feed_forward(x)
-
-    def step(self, x, rotation, keys, values, index, mask) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), rotation, keys, values, index, mask))
-        return self._feed_forward(x)
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        update = self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, ctx))
+        x = x.to(update.dtype) + update
+        update = self.layer_scale_2(self._mlp(self.norm2(x), ctx.first_step))
+        return x.to(update.dtype) + update
 
 
 class Transformer(nn.Module):
@@ -197,19 +304,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        rotation = rope_rotation(pos, self.head_dim, self.cfg.max_period)
-        block = max(self.cfg.context or x.shape[1], 1)
-        for layer in self.layers:
-            x = layer(x, rotation, block)
-        return x
+        """Offline: the whole sequence from position 0."""
+        return self.step(x, self.init_state(x.shape[0], max_step=x.shape[1]))
 
-    def init_state(self, batch_size: int, max_step: int = 1) -> KVCache:
-        if self.cfg.context is None:
-            raise ValueError("streaming needs a finite attention context")
+    def init_state(self, batch_size: int, max_step: int = 1, capacity: int | None = None) -> KVCache:
+        """A cache for `batch_size` streams fed at most `max_step` steps per call.
+
+        Without an attention context (the depth transformer), `capacity` bounds the sequence.
+        """
+        cfg = self.cfg
+        if cfg.context is not None:
+            capacity = cfg.context + max_step - 1
+        elif capacity is None:
+            capacity = cfg.weights_per_step or max_step
         w = self.layers[0].self_attn.in_proj_weight
-        capacity = self.cfg.context + max_step - 1
-        shape = (batch_size, self.cfg.num_heads, capacity, self.head_dim)
+        shape = (batch_size, cfg.num_heads, capacity, self.head_dim)
         return KVCache(
             keys=[w.new_zeros(shape) for _ in self.layers],
             values=[w.new_zeros(shape) for _ in self.layers],
@@ -219,11 +328,19 @@ class Transformer(nn.Module):
         )
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        first_step = cache.steps
         index, pos_q = cache.advance(x.shape[1])
-        rotation = rope_rotation(pos_q, self.head_dim, self.cfg.max_period)
-        mask = window_mask(pos_q, cache.positions, self.cfg.context)
+        cfg = self.cfg
+        if cfg.context is None and cache.offset.max() > cache.capacity:
+            raise ValueError(f"sequence longer than the cache capacity {cache.capacity}")
+        rotation = None
+        if cfg.positional_embedding == "rope":
+            rotation = rope_rotation(pos_q, self.head_dim, cfg.max_period)
+        elif cfg.positional_embedding == "sin":
+            x = x + cfg.positional_scale * sin_embedding(pos_q, cfg.d_model, cfg.max_period).to(x.dtype)
+        ctx = _StepContext(rotation, index, window_mask(pos_q, cache.positions, cfg.context), first_step)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            x = layer.step(x, rotation, keys, values, index, mask)
+            x = layer.step(x, keys, values, ctx)
         return x
 
 

@@ -10,18 +10,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# The reference module names its fused attention weights `in_projs.0` / `out_projs.0`;
-# the released files store them as `in_proj_weight` / `out_proj.weight` (reference 1.11).
-_OFFICIAL_NAMES = {"self_attn.in_projs.0.weight": "self_attn.in_proj_weight",
-                   "self_attn.out_projs.0.weight": "self_attn.out_proj.weight"}
-
-
 def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
+    """The module's tensors under the names Kyutai's released files use.
+
+    The reference module splits each fused attention projection into one Linear per weight
+    set (`in_projs.{i}`, `out_projs.{i}`); the files store them fused, concatenated along
+    the output dimension, as `in_proj_weight` and `out_proj.weight` (reference 1.11, 2.7).
+    """
+    state: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for key, value in module.state_dict().items():
-        for internal, official in _OFFICIAL_NAMES.items():
-            key = key.replace(internal, official)
-        state[key] = value.detach().contiguous().clone()
+        value = value.detach().contiguous().clone()
+        for split, joined in (("self_attn.in_projs.", "self_attn.in_proj_weight"),
+                              ("self_attn.out_projs.", "self_attn.out_proj.weight")):
+            if split in key:
+                prefix, rest = key.split(split)
+                fused.setdefault(prefix + joined, []).append((int(rest.split(".")[0]), value))
+                break
+        else:
+            state[key] = value
+    for key, parts in fused.items():
+        state[key] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
     return state
 
 
