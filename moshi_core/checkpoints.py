@@ -7,6 +7,7 @@ Copying (instead of assigning the file's tensors) costs one pass over the weight
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -16,6 +17,9 @@ from torch import nn
 from .errors import CheckpointError
 from .hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES, resolve_file
 from .mimi import MimiConfig, MimiModel
+
+if TYPE_CHECKING:
+    from .lm import LMConfig, LMModel
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
@@ -78,3 +82,18 @@ def checkpoint_id(source: str | os.PathLike, path: Path) -> str:
         return path.name
     repo = text.removeprefix("hf://").split("/")
     return f"{repo[0]}/{repo[1].split('@')[0]}/{path.name}"
+
+
+def load_lm(
+    path: str | os.PathLike,
+    config: "LMConfig",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> "LMModel":
+    """The Moshi LM from a PyTorch `model.safetensors` (official key names), in `dtype`."""
+    from .lm import LMModel
+
+    with torch.device("meta"):
+        model = LMModel(config)
+    return load_module(model, Path(path), dtype, device)

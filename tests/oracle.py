@@ -118,3 +118,42 @@ def assert_codes_equal_up_to_ties(codes: torch.Tensor, ref_codes: torch.Tensor, 
         d_theirs = (residual - centroids[theirs]).pow(2).sum()
         gap = float((d_ours - d_theirs).abs() / d_theirs)
         assert gap < rel_gap, f"frame {frame} level {level}: codes {ours} vs {theirs} are not a tie (gap {gap:.2e})"
+
+
+# The reference's own tiny test LM (`moshi/tests/test_lm.py`), as LMModel keyword arguments.
+TINY_TEST_LM = dict(
+    delays=[0, 1, 2, 4], n_q=3, dep_q=3, card=32, text_card=48, dim=16, num_layers=2, num_heads=1,
+    hidden_scale=1, depformer_dim=16, depformer_multi_linear=True, depformer_weights_per_step=True,
+    depformer_weights_per_step_schedule=[0, 1, 1], depformer_low_rank_embeddings=8, depformer_num_heads=1,
+    depformer_gating="silu", context=4,
+)
+
+# Moshi 7B's structure (17 streams, delays, RMSNorm, SiLU gating, RoPE, per-codebook depformer
+# weights) at a size a CI machine runs in milliseconds.
+REDUCED_7B = dict(
+    dim=64, text_card=100, existing_text_padding_id=3, n_q=16, dep_q=8, card=64, num_heads=4, num_layers=2,
+    hidden_scale=4.125, causal=True, layer_scale=None, context=12, max_period=10000, gating="silu",
+    norm="rms_norm_f32", positional_embedding="rope", depformer_dim=32, depformer_dim_feedforward=132,
+    depformer_num_heads=2, depformer_num_layers=2, depformer_layer_scale=None, depformer_multi_linear=True,
+    depformer_context=8, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+    depformer_weights_per_step=True, delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+)
+
+
+def random_reference_lm(kwargs: dict, seed: int = 0):
+    """The reference LMModel with its own random init; norms perturbed so they matter."""
+    from moshi.models.lm import LMModel
+
+    torch.manual_seed(seed)
+    model = LMModel(**kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("alpha") or "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def write_reference_lm(path: Path, kwargs: dict, seed: int = 0):
+    model = random_reference_lm(kwargs, seed)
+    save_file(official_state_dict(model), str(path))
+    return model
