@@ -1,0 +1,110 @@
+"""Streaming generation: one 80 ms step of Moshi per call, full duplex, many conversations.
+
+Each call takes the user's codes for one frame and returns Moshi's text token and audio
+codes for one frame, with the stream delays undone. The state is explicit and per batch
+slot: `state.reset(mask)` starts a new conversation in some slots while the others go on.
+Conversations can run past the temporal transformer's context (3000 steps, 4 minutes): the
+KV ring keeps the last `context` steps and RoPE positions keep growing; the model then sees
+only the most recent 4 minutes, which is the same window it saw at every step of training.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .lm import UNGENERATED_TOKEN, LMModel
+from .sampling import SamplingParams, sample_token
+from .transformer import KVCache
+
+
+@dataclass
+class GenerationState:
+    tokens: torch.Tensor  # [B, K, max_delay + 2] ring of recent tokens per stream
+    offsets: torch.Tensor  # [B] steps taken by each slot
+    lm: KVCache  # temporal transformer cache
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        if mask is None:
+            mask = torch.ones_like(self.offsets, dtype=torch.bool)
+        self.tokens.copy_(torch.where(mask[:, None, None], UNGENERATED_TOKEN, self.tokens))
+        self.offsets.copy_(torch.where(mask, 0, self.offsets))
+        self.lm.reset(mask)
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.shape[0]
+
+
+class LMGenerator:
+    """Steps an `LMModel` in real time: user codes in, Moshi's text and audio out."""
+
+    def __init__(self, lm: LMModel, sampling: SamplingParams | None = None, seed: int | None = None) -> None:
+        self.lm = lm
+        self.sampling = sampling or SamplingParams()
+        cfg = lm.cfg
+        self.delays = torch.tensor(cfg.delays, device=lm.device)
+        self.max_delay = max(cfg.delays)
+        self.num_user_streams = cfg.num_codebooks - cfg.dep_q - 1
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=lm.device).manual_seed(seed)
+
+    def init_state(self, batch_size: int = 1) -> GenerationState:
+        cfg = self.lm.cfg
+        tokens = torch.full(
+            (batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, dtype=torch.long,
+            device=self.lm.device,
+        )
+        offsets = torch.zeros(batch_size, dtype=torch.long, device=self.lm.device)
+        return GenerationState(tokens, offsets, self.lm.init_state(batch_size))
+
+    @torch.no_grad()
+    def step(self, user_codes: torch.Tensor, state: GenerationState) -> torch.Tensor:
+        """user_codes [B, >= n_user, 1] -> [B, 1 + dep_q]: text token, then Moshi's audio codes.
+
+        A slot's first step returns UNGENERATED_TOKEN (-2) everywhere: with an acoustic
+        delay of one step, its first complete frame comes out of its second step.
+        """
+        lm, cfg = self.lm, self.lm.cfg
+        B = state.batch_size
+        if user_codes.dim() != 3 or user_codes.shape[0] != B or user_codes.shape[2] != 1:
+            raise ValueError(f"user codes must be [{B}, {self.num_user_streams}, 1], got {list(user_codes.shape)}")
+        if user_codes.shape[1] < self.num_user_streams:
+            raise ValueError(f"need {self.num_user_streams} user codebooks, got {user_codes.shape[1]}")
+        ring = state.tokens.shape[2]
+        first_user = cfg.dep_q + 1
+        # The user's stream k is written d_k steps ahead: it is read when the model reaches it.
+        user_slots = (state.offsets[:, None] + self.delays[first_user:]) % ring  # [B, n_user]
+        state.tokens[:, first_user:].scatter_(2, user_slots[..., None], user_codes[:, : self.num_user_streams])
+
+        current = (state.offsets % ring)[:, None, None].expand(-1, cfg.num_codebooks, 1)
+        inputs = state.tokens.gather(2, current)
+        before_start = state.offsets[:, None, None] <= self.delays[None, :, None]
+        inputs = torch.where(before_start, lm.initial_tokens(B), inputs)
+
+        z, text_logits = lm.forward_text(inputs, state.lm)
+        p = self.sampling
+        text = sample_token(text_logits[:, 0, 0], p.temp_text, p.top_k_text, p.use_sampling, self.generator)
+        audio = self._depth_step(text, z)
+
+        state.offsets.add_(1)
+        written = (state.offsets % ring)[:, None, None]
+        state.tokens[:, : 1 + cfg.dep_q].scatter_(
+            2, written.expand(-1, 1 + cfg.dep_q, 1), torch.cat([text[:, None], audio], dim=1)[..., None]
+        )
+        # Undo the delays: stream k of the frame returned now was written d_k steps after it started.
+        gen_delays = self.delays[: 1 + cfg.dep_q]
+        read = (state.offsets[:, None] - self.max_delay + gen_delays) % ring
+        out = state.tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
+        return torch.where((state.offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out)
+
+    def _depth_step(self, text: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Moshi's dep_q audio codes for this step, codebook after codebook: [B, dep_q]."""
+        lm, p = self.lm, self.sampling
+        cache = lm.init_depformer_state(text.shape[0])
+        previous, codes = text, []
+        for slot in range(lm.cfg.dep_q):
+            logits = lm.depformer_logits(slot, z, previous[:, None], cache)
+            previous = sample_token(logits[:, 0], p.temp, p.top_k, p.use_sampling, self.generator)
+            codes.append(previous)
+        return torch.stack(codes, dim=1)

@@ -1,0 +1,51 @@
+"""Token sampling: temperature, top-k, greedy; sync-free and reproducible with a generator."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-stream temperature and top-k (Kyutai's defaults); temperature <= 0 means greedy."""
+
+    temp_text: float = 0.7
+    top_k_text: int = 25
+    temp: float = 0.8
+    top_k: int = 250
+    use_sampling: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("temp_text", "temp"):
+            value = getattr(self, name)
+            if not 0 <= value <= 10:
+                raise ValueError(f"{name} must be between 0 and 10, not {value}")
+        for name in ("top_k_text", "top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 keeps every token)")
+
+    @classmethod
+    def greedy(cls) -> "SamplingParams":
+        return cls(use_sampling=False)
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int, use_sampling: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits [..., V] -> [...].
+
+    Sampling is softmax(logits / T) restricted to the top k, drawn as argmax(p / E) with
+    E ~ Exponential(1), which is a categorical draw without a host sync.
+    """
+    if not use_sampling or temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    indices = None
+    if 0 < top_k < probs.shape[-1]:
+        probs, indices = probs.topk(top_k, dim=-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    choice = (probs / race).argmax(dim=-1, keepdim=True)
+    if indices is not None:
+        choice = indices.gather(-1, choice)
+    return choice[..., 0]
