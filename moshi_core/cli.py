@@ -1,4 +1,4 @@
-"""`moshi-core` command line: Mimi encode/decode (more commands join as the models land)."""
+"""`moshi-core` command line: Mimi encode/decode and Moshi dialogue from files."""
 
 import argparse
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import MoshiError
 from .hub import DEFAULT_MIMI_SOURCE
+from .models import DEFAULT_LM_SOURCE
 
 MODEL_SOURCE_HELP = (
     "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
@@ -92,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("tokens", metavar="TOKENS", help="token file (.safetensors)")
     dec.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
     _add_model_options(dec)
+
+    dia = sub.add_parser(
+        "dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
+        description=(
+            "Play the user's side of a conversation from a file to Moshi and record Moshi's side: "
+            "its voice (24 kHz wav, as long as the input), its inner-monologue text with word "
+            "timestamps (JSON), and a stereo file with the user left and Moshi right. Several "
+            "inputs run as one batch; outputs then get .0, .1, ... before their suffix."
+        ),
+    )
+    dia.add_argument("audio", nargs="+", metavar="AUDIO", help="the user's audio (wav, flac, ogg/opus, mp3)")
+    dia.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="Moshi's voice")
+    dia.add_argument("--text", metavar="OUT.json", help="Moshi's text with word timestamps")
+    dia.add_argument("--stereo", metavar="OUT_STEREO.wav", help="user left, Moshi right")
+    dia.add_argument("--model", default=DEFAULT_LM_SOURCE, metavar="SOURCE",
+                     help=f"the Moshi model: {MODEL_SOURCE_HELP} (default: %(default)s)")
+    dia.add_argument("--revision", help="pin a Hub revision of --model")
+    dia.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    dia.add_argument("--temp-text", type=float, default=0.7, metavar="T", help="text temperature (default: %(default)s)")
+    dia.add_argument("--temp-audio", type=float, default=0.8, metavar="T", help="audio temperature (default: %(default)s)")
+    dia.add_argument("--top-k-text", type=int, default=25, metavar="K", help="text top-k (default: %(default)s)")
+    dia.add_argument("--top-k-audio", type=int, default=250, metavar="K", help="audio top-k (default: %(default)s)")
+    dia.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    dia.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+    dia.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
+    dia.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                     help="LM weights and compute (default: %(default)s)")
+    dia.add_argument("-q", "--quiet", action="store_true", help="print no progress")
     return parser
 
 
@@ -128,18 +157,52 @@ def _decode(args: argparse.Namespace) -> None:
     mimi = _load_mimi(args)
     progress = None if args.quiet else ProgressPrinter("decoding", 1 / mimi.frame_rate)
     wavs = decode_tokens(mimi, tokens, progress=progress)
-    out = Path(args.output)
-    paths = [out] if not tokens.batched else [out.with_suffix(f".{i}{out.suffix}") for i in range(len(wavs))]
+    paths = [_numbered(args.output, i, tokens.batched) for i in range(len(wavs))]
     for path, wav in zip(paths, wavs):
         write_wav(path, wav)
         if not args.quiet:
             print(f"wrote {path}", file=sys.stderr)
 
 
+def _numbered(path: str, index: int, batched: bool) -> Path:
+    out = Path(path)
+    return out.with_suffix(f".{index}{out.suffix}") if batched else out
+
+
+def _dialogue(args: argparse.Namespace) -> None:
+    import json
+
+    from .audio import atomic_write_bytes, write_wav
+    from .codec import load_batch, resolve_device
+    from .dialogue import run_dialogue
+    from .models import load_moshi, parse_dtype
+    from .sampling import SamplingParams
+
+    sampling = SamplingParams(
+        temp_text=args.temp_text, top_k_text=args.top_k_text, temp=args.temp_audio, top_k=args.top_k_audio,
+        use_sampling=not args.greedy,
+    )
+    wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
+    models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
+                        revision=args.revision)
+    progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
+    batched = len(wavs) > 1
+    results = run_dialogue(models, wavs if batched else wavs[0], sampling=sampling, seed=args.seed,
+                           progress=progress)
+    for i, result in enumerate(results if batched else [results]):
+        write_wav(_numbered(args.output, i, batched), result.audio)
+        if args.stereo:
+            write_wav(_numbered(args.stereo, i, batched), result.stereo)
+        if args.text:
+            atomic_write_bytes(_numbered(args.text, i, batched), json.dumps(result.transcript(), indent=2).encode())
+        if not args.quiet:
+            print(f"Moshi: {result.text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"encode": _encode, "decode": _decode}[args.command](args)
+        {"encode": _encode, "decode": _decode, "dialogue": _dialogue}[args.command](args)
     except MoshiError as exc:
         print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidParameterError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,10 +21,10 @@ class SamplingParams:
         for name in ("temp_text", "temp"):
             value = getattr(self, name)
             if not 0 <= value <= 10:
-                raise ValueError(f"{name} must be between 0 and 10, not {value}")
+                raise InvalidParameterError(f"{name} must be between 0 and 10, not {value}")
         for name in ("top_k_text", "top_k"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 keeps every token)")
+                raise InvalidParameterError(f"{name} must be >= 0 (0 keeps every token)")
 
     @classmethod
     def greedy(cls) -> "SamplingParams":

@@ -39,3 +39,44 @@ def ref_mimi(mimi_checkpoint: Path):
     from oracle import load_reference_mimi
 
     return load_reference_mimi(mimi_checkpoint)
+
+
+TEST_SENTENCES = (
+    "hello how are you doing today",
+    "i am fine thank you very much",
+    "what is the weather like in paris",
+    "bonjour comment allez vous",
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SentencePiece model with Moshi's special ids (unk 0, eos 2, pad 3)."""
+    import sentencepiece
+
+    path = tmp_path_factory.mktemp("spm") / "tokenizer_spm_test.model"
+    with open(path, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(TEST_SENTENCES * 20), model_writer=f, vocab_size=64, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_moshi(tmp_path_factory: pytest.TempPathFactory, mimi_checkpoint: Path, tokenizer_model: Path) -> Path:
+    """A folder laid out like a Kyutai Moshi repo, with a 7B-shaped LM at a tiny size."""
+    import json
+    import shutil
+
+    from oracle import REDUCED_7B, write_reference_lm
+
+    folder = tmp_path_factory.mktemp("tiny-moshi")
+    config = dict(REDUCED_7B, text_card=64, card=2048, tokenizer_name="tokenizer_spm_test.model",
+                  lm_gen_config={"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25})
+    (folder / "config.json").write_text(json.dumps(config))
+    write_reference_lm(folder / "model.safetensors", {k: v for k, v in config.items()
+                                                      if k not in ("tokenizer_name", "lm_gen_config")})
+    os.symlink(mimi_checkpoint, folder / "tokenizer-e351c8d8-checkpoint125.safetensors")
+    shutil.copy(tokenizer_model, folder / "tokenizer_spm_test.model")
+    return folder

@@ -1,0 +1,94 @@
+"""Offline dialogue end to end: tokenizer, registry, pipeline and `moshi-core dialogue`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from moshi_core.errors import CheckpointError, ModelSourceError
+from moshi_core.text import TextStream, TextTokenizer
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def test_text_stream_builds_timed_words(tokenizer_model):
+    tok = TextTokenizer(tokenizer_model)
+    ids = tok.encode("hello how are you")
+    stream = TextStream(tok)
+    shown = ""
+    for frame, token in enumerate([3, 3] + [t for i in ids for t in (i, 3)]):
+        shown += stream.push(token, frame)
+    words = stream.flush()
+    assert [w.text for w in words] == ["hello", "how", "are", "you"]
+    assert stream.text == "hello how are you" and shown.strip() == "hello how are you"
+    assert words[0].start == pytest.approx(0.16)  # after two padding steps of 80 ms
+    assert all(w.end > w.start for w in words)
+    assert all(a.end <= b.start for a, b in zip(words, words[1:]))
+
+
+def test_not_a_tokenizer(tmp_path):
+    bad = tmp_path / "x.model"
+    bad.write_bytes(b"nope")
+    with pytest.raises(CheckpointError, match="not a SentencePiece model"):
+        TextTokenizer(bad)
+
+
+def test_dialogue_cli_writes_three_outputs(tmp_path, tiny_moshi, shared_audio):
+    source = shared_audio / "en_question_24k.wav"
+    out, text, stereo = tmp_path / "moshi.wav", tmp_path / "moshi.json", tmp_path / "stereo.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "moshi_core", "dialogue", str(source), "-o", str(out), "--text", str(text),
+         "--stereo", str(stereo), "--model", str(tiny_moshi), "--seed", "3", "--dtype", "float32", "--device", "cpu"],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dialogue: 100%" in done.stderr
+    n = sf.info(str(source)).frames
+    mono, st = sf.info(str(out)), sf.info(str(stereo))
+    assert (mono.samplerate, mono.channels, mono.frames) == (24000, 1, n)
+    assert (st.samplerate, st.channels, st.frames) == (24000, 2, n)
+    transcript = json.loads(text.read_text())
+    assert set(transcript) == {"text", "words"}
+    for word in transcript["words"]:
+        assert 0 <= word["start"] < word["end"] <= n / 24000 + 0.08
+    user_left = sf.read(str(stereo))[0][:, 0]
+    original = sf.read(str(source))[0]
+    assert abs(user_left - original).max() < 1e-3  # the left channel is the user
+
+
+def test_dialogue_batch_and_seed(tiny_moshi, shared_audio):
+    from moshi_core.audio import load_audio
+    from moshi_core.dialogue import run_dialogue
+    from moshi_core.models import load_moshi
+
+    models = load_moshi(tiny_moshi, dtype=torch.float32)
+    a = load_audio(shared_audio / "en_short_16k.wav")
+    b = load_audio(shared_audio / "en_question_24k.wav")[:, : 24000 * 2]
+    one = run_dialogue(models, a, seed=5)
+    again = run_dialogue(models, a, seed=5)
+    assert torch.equal(one.tokens, again.tokens)
+    batch = run_dialogue(models, [a, b], seed=5)
+    assert [r.audio.shape[-1] for r in batch] == [a.shape[-1], b.shape[-1]]
+    assert batch[0].tokens.shape[0] == 9  # text + 8 audio codebooks per frame
+
+
+def test_bad_sources_and_configs(tmp_path, tiny_moshi):
+    from moshi_core.models import load_moshi
+
+    with pytest.raises(ModelSourceError, match="has no model.safetensors"):
+        load_moshi(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"dim": 8, "n_q": 2, "delays": [0]}))
+    with pytest.raises(CheckpointError, match="delays"):
+        load_moshi(broken)
+    quantized = tmp_path / "q8"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"quantize": True, "moshi_name": "model.q8.safetensors"}))
+    with pytest.raises(ModelSourceError, match="quantized"):
+        load_moshi(quantized)
