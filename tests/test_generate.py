@@ -99,5 +99,7 @@ def test_sample_token_top_k_and_greedy():
     g = torch.Generator().manual_seed(0)
     draws = {sample_token(logits, 1.0, 2, generator=g).item() for _ in range(200)}
     assert draws == {1, 3}  # only the top 2 are ever drawn
-    with pytest.raises(ValueError, match="temp"):
+    from moshi_core.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="temp"):
         SamplingParams(temp=-1)
