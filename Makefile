@@ -36,6 +36,7 @@ test: setup-test
 
 bench: setup-test
 	$(PY) bench/mimi_bench.py
+	$(PY) bench/lm_bench.py --config reduced
 
 clean:
 	rm -rf $(VENV) .pytest_cache

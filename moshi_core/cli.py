@@ -111,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"the Moshi model: {MODEL_SOURCE_HELP} (default: %(default)s)")
     dia.add_argument("--revision", help="pin a Hub revision of --model")
     dia.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    dia.add_argument("--temp-text", type=float, default=0.7, metavar="T", help="text temperature (default: %(default)s)")
-    dia.add_argument("--temp-audio", type=float, default=0.8, metavar="T", help="audio temperature (default: %(default)s)")
-    dia.add_argument("--top-k-text", type=int, default=25, metavar="K", help="text top-k (default: %(default)s)")
-    dia.add_argument("--top-k-audio", type=int, default=250, metavar="K", help="audio top-k (default: %(default)s)")
+    defaults = "default: the model's lm_gen_config, else Kyutai's"
+    dia.add_argument("--temp-text", type=float, metavar="T", help=f"text temperature ({defaults}: 0.7)")
+    dia.add_argument("--temp-audio", type=float, metavar="T", help=f"audio temperature ({defaults}: 0.8)")
+    dia.add_argument("--top-k-text", type=int, metavar="K", help=f"text top-k ({defaults}: 25)")
+    dia.add_argument("--top-k-audio", type=int, metavar="K", help=f"audio top-k ({defaults}: 250)")
     dia.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     dia.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
     dia.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
@@ -178,13 +179,14 @@ def _dialogue(args: argparse.Namespace) -> None:
     from .models import load_moshi, parse_dtype
     from .sampling import SamplingParams
 
-    sampling = SamplingParams(
-        temp_text=args.temp_text, top_k_text=args.top_k_text, temp=args.temp_audio, top_k=args.top_k_audio,
-        use_sampling=not args.greedy,
-    )
+    given = {"temp_text": args.temp_text, "top_k_text": args.top_k_text, "temp": args.temp_audio,
+             "top_k": args.top_k_audio, "use_sampling": False if args.greedy else None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    SamplingParams(**overrides)  # check the values before loading anything
     wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
     models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
                         revision=args.revision)
+    sampling = SamplingParams.from_config({**models.generation_defaults, **overrides})
     progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
     batched = len(wavs) > 1
     results = run_dialogue(models, wavs if batched else wavs[0], sampling=sampling, seed=args.seed,

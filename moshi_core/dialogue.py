@@ -54,7 +54,7 @@ def run_dialogue(
     for i, w in enumerate(wavs):
         batch[i, :, : w.shape[-1]] = w
     user_streams = lm.cfg.num_codebooks - lm.cfg.dep_q - 1
-    generator = LMGenerator(lm, sampling or SamplingParams(**models.generation_defaults), seed=seed)
+    generator = LMGenerator(lm, sampling or SamplingParams.from_config(models.generation_defaults), seed=seed)
     state = generator.init_state(len(wavs))
     with torch.inference_mode():
         user_codes = mimi.encode(batch.to(mimi_device(models)), num_codebooks=user_streams).to(lm.device)

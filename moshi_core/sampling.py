@@ -30,6 +30,13 @@ class SamplingParams:
     def greedy(cls) -> "SamplingParams":
         return cls(use_sampling=False)
 
+    @classmethod
+    def from_config(cls, lm_gen_config: dict) -> "SamplingParams":
+        """From a repo's `lm_gen_config` (Kyutai's `LMGen` keyword names); other keys are for
+        other features (CFG, ...) and are left out."""
+        names = {"temp", "temp_text", "top_k", "top_k_text", "use_sampling"}
+        return cls(**{k: v for k, v in lm_gen_config.items() if k in names})
+
 
 def sample_token(
     logits: torch.Tensor, temperature: float, top_k: int, use_sampling: bool = True,

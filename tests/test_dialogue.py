@@ -92,3 +92,19 @@ def test_bad_sources_and_configs(tmp_path, tiny_moshi):
     (quantized / "config.json").write_text(json.dumps({"quantize": True, "moshi_name": "model.q8.safetensors"}))
     with pytest.raises(ModelSourceError, match="quantized"):
         load_moshi(quantized)
+
+
+def test_sampling_comes_from_the_repo_config_then_the_flags():
+    from moshi_core.sampling import SamplingParams
+
+    params = SamplingParams.from_config({"temp": 0.5, "top_k_text": 10, "cfg_coef": 2.0, **{"temp_text": 0.0}})
+    assert (params.temp, params.top_k_text, params.temp_text, params.top_k) == (0.5, 10, 0.0, 250)
+
+
+def test_bad_sampling_flag_is_refused_before_loading(tmp_path, shared_audio):
+    done = subprocess.run(
+        [sys.executable, "-m", "moshi_core", "dialogue", str(shared_audio / "en_short_16k.wav"), "-o",
+         str(tmp_path / "x.wav"), "--temp-text", "-1", "--model", str(tmp_path / "no-such-model")],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "temp_text must be between 0 and 10" in done.stderr
