@@ -20,9 +20,15 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install -e ".[app]"
 	touch $@
 
+# The reference's own test assets (a tiny LM, its inputs and outputs) come with its sdist.
+REFERENCE_ASSETS := .cache/reference/tests/assets
+
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) install -e ".[app,test]"
 	$(PIP) install --no-deps "$(REFERENCE)"
+	rm -rf .cache/reference && mkdir -p .cache/reference
+	$(PIP) download --no-deps --no-binary :all: "$(REFERENCE)" -d .cache/reference
+	tar -xzf .cache/reference/moshi-*.tar.gz -C .cache/reference --strip-components=1
 	touch $@
 
 setup: $(VENV)/.base

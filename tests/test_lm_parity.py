@@ -1,5 +1,7 @@
 """Our Moshi LM against the reference's `LMModel`: keys, teacher-forced logits, masks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +85,23 @@ def test_config_keys_are_checked():
         LMConfig.from_dict(dict(REDUCED_7B, dimm=3))
     with pytest.raises(ValueError, match="delays"):
         LMConfig.from_dict(dict(REDUCED_7B, delays=[0, 1]))
+
+
+def test_reference_test_assets_load_and_give_the_recorded_outputs():
+    """Kyutai's own test model file (`moshi/tests/assets`, from the moshi sdist) through our
+    loader: the logits and masks it recorded for its codes."""
+    from safetensors.torch import load_file
+
+    assets = Path(__file__).resolve().parents[1] / ".cache" / "reference" / "tests" / "assets"
+    if not assets.is_dir():
+        pytest.fail(f"{assets} is missing: `make setup-test` unpacks the reference sdist there")
+    ours = load_lm(assets / "test_lm_model.safetensors", LMConfig.from_dict(TINY_TEST_LM), dtype=torch.float32)
+    codes = load_file(str(assets / "test_lm_codes.safetensors"))["codes"]
+    recorded = load_file(str(assets / "test_lm_out.safetensors"))
+    with torch.no_grad():
+        out = ours(codes)
+    assert torch.equal(out.mask, recorded["mask"]) and torch.equal(out.text_mask, recorded["text_mask"])
+    for mine, theirs in ((out.logits, recorded["logits"]), (out.text_logits, recorded["text_logits"])):
+        valid = ~theirs.isnan()
+        assert torch.equal(mine.isnan(), ~valid)
+        torch.testing.assert_close(mine[valid], theirs[valid], rtol=1e-5, atol=1e-5)
