@@ -50,8 +50,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_module(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Fill a meta-device `model` from a safetensors file, strictly."""
-    state = read_safetensors(path)
-    check_state_dict(model, state, path.name)
+    return fill_module(model, read_safetensors(path), path.name, dtype, device)
+
+
+def fill_module(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    check_state_dict(model, state, name)
     model = model.to_empty(device=device).to(dtype)
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
@@ -91,9 +96,18 @@ def load_lm(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> "LMModel":
-    """The Moshi LM from a PyTorch `model.safetensors` (official key names), in `dtype`."""
+    """The Moshi LM from Kyutai's `model.safetensors` (PyTorch or Candle names) or Candle
+    `model.q8.gguf`, in `dtype`. A GGUF is dequantized (exactly) and cast to `dtype`.
+    """
+    from .gguf import candle_to_ours, dequantized_state, is_candle_layout
     from .lm import LMModel
 
+    path = Path(path)
     with torch.device("meta"):
         model = LMModel(config)
-    return load_module(model, Path(path), dtype, device)
+    if path.suffix == ".gguf":
+        return fill_module(model, dequantized_state(path, config.dep_q), path.name, dtype, device)
+    state = read_safetensors(path)
+    if is_candle_layout(state):  # `*-candle-bf16` repos: Candle names in a safetensors file
+        state = candle_to_ours(state, config.dep_q, path.name)
+    return fill_module(model, state, path.name, dtype, device)

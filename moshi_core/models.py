@@ -26,8 +26,12 @@ DEFAULT_LM_SOURCE = "kyutai/moshika-pytorch-bf16"
 SUPPORTED_MODELS = {
     "kyutai/moshika-pytorch-bf16": "Moshi, female voice, bfloat16 (15.4 GB)",
     "kyutai/moshiko-pytorch-bf16": "Moshi, male voice, bfloat16 (15.4 GB)",
+    "kyutai/moshika-candle-q8": "Moshi, female voice, 8-bit GGUF (8.2 GB download; dequantized to --dtype)",
+    "kyutai/moshiko-candle-q8": "Moshi, male voice, 8-bit GGUF (dequantized to --dtype)",
+    "kyutai/moshika-candle-bf16": "Moshi, female voice, Candle bfloat16",
+    "kyutai/moshiko-candle-bf16": "Moshi, male voice, Candle bfloat16",
 }
-LM_FILENAME = "model.safetensors"
+LM_FILENAMES = ("model.safetensors", "model.q8.gguf")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,16 +47,20 @@ class MoshiModels:
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # `lm_gen_config`
 
 
-def _file_in(source: ModelSource, name: str, revision: str | None) -> Path:
-    """A file named in a config: an hf:// URI of its own, or a file of the model's repo/folder."""
-    if name.startswith("hf://"):
-        return resolve_file(name, [], revision)
+def _file_in(source: ModelSource, names: str | tuple[str, ...], revision: str | None) -> Path:
+    """A file named in a config (an hf:// URI of its own, or a file of the model's repo or
+    folder), or the first of several default names that exists."""
+    names = (names,) if isinstance(names, str) else names
+    if len(names) == 1 and names[0].startswith("hf://"):
+        return resolve_file(names[0], [], revision)
     if source.local is not None:
-        path = source.local / name
-        if not path.is_file():
-            raise ModelSourceError(f"{source.local} has no {name}")
-        return path
-    return resolve_file(f"hf://{source.repo_id}/{name}", [], source.revision or revision)
+        for name in names:
+            if (source.local / name).is_file():
+                return source.local / name
+        raise ModelSourceError(f"{source.local} has no {' or '.join(names)}")
+    if len(names) == 1:
+        return resolve_file(f"hf://{source.repo_id}/{names[0]}", [], source.revision or revision)
+    return resolve_file(source.repo_id, names, source.revision or revision)
 
 
 def _read_config(source: ModelSource, revision: str | None) -> dict[str, Any]:
@@ -90,13 +98,16 @@ def load_moshi(
     if parsed.local is not None and parsed.local.is_file():
         raise ModelSourceError(f"{parsed.local} is a file: give the folder that holds the model's files")
     config = _read_config(parsed, revision)
-    if config.get("quantize") or str(config.get("moshi_name", "")).endswith((".gguf", ".q8.safetensors")):
-        raise ModelSourceError(f"{source} is a quantized model, which is not supported yet: use {DEFAULT_LM_SOURCE}")
+    if config.get("quantize"):
+        raise ModelSourceError(
+            f"{source} is a bitsandbytes-quantized PyTorch model, which is not supported yet: use "
+            f"{DEFAULT_LM_SOURCE} or kyutai/moshika-candle-q8"
+        )
     try:
         lm_config = LMConfig.from_dict(config or MOSHI_7B)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the config.json of {source} does not describe a supported LM: {exc}") from exc
-    lm_path = _file_in(parsed, config.get("moshi_name", LM_FILENAME), revision)
+    lm_path = _file_in(parsed, config.get("moshi_name", LM_FILENAMES), revision)
     lm = load_lm(lm_path, lm_config, dtype=dtype, device=device)
     mimi_name = config.get("mimi_name")
     if mimi_name:

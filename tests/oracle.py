@@ -157,3 +157,53 @@ def write_reference_lm(path: Path, kwargs: dict, seed: int = 0):
     model = random_reference_lm(kwargs, seed)
     save_file(official_state_dict(model), str(path))
     return model
+
+
+def candle_state_dict(official: dict[str, torch.Tensor], dep_q: int) -> dict[str, torch.Tensor]:
+    """PyTorch checkpoint names -> Candle's (reference 5.1): the depth transformer split into
+    one slice per codebook, its shared norms copied into every slice."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in official.items():
+        if name.startswith("depformer_in."):
+            out[f"depformer.{name.split('.')[1]}.linear_in.weight"] = value
+        elif name.startswith("linears."):
+            out[f"depformer.{name.split('.')[1]}.linear_out.weight"] = value
+        elif name == "depformer_text_emb.weight":
+            out["depformer.0.emb.weight"] = value
+        elif name.startswith("depformer_emb."):
+            out[f"depformer.{int(name.split('.')[1]) + 1}.emb.weight"] = value
+        elif name.startswith("depformer.layers."):
+            layer, rest = name.removeprefix("depformer.layers.").split(".", 1)
+            if rest.startswith("gating."):
+                slot, tail = rest.removeprefix("gating.").split(".", 1)
+                out[f"depformer.{slot}.transformer.layers.{layer}.gating.{tail}"] = value
+            elif rest.startswith("self_attn."):
+                for s, chunk in enumerate(value.chunk(dep_q, dim=0)):
+                    out[f"depformer.{s}.transformer.layers.{layer}.{rest}"] = chunk
+            else:  # norms
+                for s in range(dep_q):
+                    out[f"depformer.{s}.transformer.layers.{layer}.{rest}"] = value
+        else:
+            out[name] = value
+    return out
+
+
+def write_candle_gguf(path: Path, official: dict[str, torch.Tensor], dep_q: int) -> Path:
+    """A GGUF as Candle's `tensor-tools quantize --quantization q8_0` writes it: 2-D tensors
+    whose last dimension is a multiple of 32 in Q8_0, everything else in F32."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "moshi")
+    for name, value in sorted(candle_state_dict(official, dep_q).items()):
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -80,7 +80,7 @@ def test_dialogue_batch_and_seed(tiny_moshi, shared_audio):
 def test_bad_sources_and_configs(tmp_path, tiny_moshi):
     from moshi_core.models import load_moshi
 
-    with pytest.raises(ModelSourceError, match="has no model.safetensors"):
+    with pytest.raises(ModelSourceError, match="has no model.safetensors or model.q8.gguf"):
         load_moshi(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -90,8 +90,28 @@ def test_bad_sources_and_configs(tmp_path, tiny_moshi):
     quantized = tmp_path / "q8"
     quantized.mkdir()
     (quantized / "config.json").write_text(json.dumps({"quantize": True, "moshi_name": "model.q8.safetensors"}))
-    with pytest.raises(ModelSourceError, match="quantized"):
+    with pytest.raises(ModelSourceError, match="bitsandbytes-quantized"):
         load_moshi(quantized)
+
+
+def test_candle_q8_folder_runs_a_dialogue(tmp_path, tiny_moshi, shared_audio):
+    """A folder laid out like kyutai/moshika-candle-q8: model.q8.gguf and no config.json
+    is the 7B preset, so the tiny LM's config comes along as config.json here."""
+    from moshi_core.audio import load_audio
+    from moshi_core.checkpoints import read_safetensors
+    from moshi_core.dialogue import run_dialogue
+    from moshi_core.models import load_moshi
+    from oracle import write_candle_gguf
+
+    folder = tmp_path / "candle-q8"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer_spm_test.model", "tokenizer-e351c8d8-checkpoint125.safetensors"):
+        (folder / name).symlink_to((tiny_moshi / name).resolve())
+    write_candle_gguf(folder / "model.q8.gguf", read_safetensors(tiny_moshi / "model.safetensors"), 8)
+    models = load_moshi(folder, dtype=torch.float32)
+    result = run_dialogue(models, load_audio(shared_audio / "en_short_16k.wav"), seed=0)
+    assert result.audio.shape[-1] == load_audio(shared_audio / "en_short_16k.wav").shape[-1]
+
 
 
 def test_sampling_comes_from_the_repo_config_then_the_flags():

@@ -1,0 +1,97 @@
+"""Kyutai's Candle q8 GGUF: our reader against the `gguf` package, and the LM it loads."""
+
+import gguf
+import pytest
+import torch
+
+from moshi_core.checkpoints import load_lm
+from moshi_core.errors import CheckpointError
+from moshi_core.gguf import Q8Tensor, candle_to_ours, read_gguf
+from moshi_core.lm import LMConfig
+from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_candle_gguf
+
+# dim 128 makes the temporal MLP (hidden 352) Q8_0; the depth MLP (hidden 88) stays F32,
+# as Candle's rule leaves rows that are not whole blocks: both paths are exercised.
+CONFIG = dict(REDUCED_7B, dim=128)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    ref = random_reference_lm(CONFIG)
+    path = write_candle_gguf(tmp_path_factory.mktemp("gguf") / "model.q8.gguf", official_state_dict(ref), 8)
+    return path, ref
+
+
+def test_dequantization_equals_the_gguf_package(files):
+    path, _ = files
+    ours = read_gguf(path)
+    reader = gguf.GGUFReader(str(path))
+    q8 = 0
+    for t in reader.tensors:
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        mine = ours[t.name]
+        if isinstance(mine, Q8Tensor):
+            q8 += 1
+            mine = mine.dequantize()
+            assert mine.dtype == torch.float32
+        assert torch.equal(mine.reshape(expected.shape), expected), t.name
+    assert q8 > 90  # most matrices are Q8_0 (98 here; the depth MLP outputs stay F32)
+
+
+def test_lm_from_gguf_equals_the_reference_on_the_dequantized_weights(files, tmp_path):
+    """Load through the user's code path; compare with the reference given the same weights."""
+    path, ref = files
+    cfg = LMConfig.from_dict(CONFIG)
+    ours = load_lm(path, cfg, dtype=torch.float32)
+    # The reference, given the weights as our loader dequantized them, splits fused names itself.
+    dequantized = {k: v.clone() for k, v in ours.state_dict().items()}
+    from moshi.models.lm import LMModel
+
+    reference = LMModel(**CONFIG).eval()
+    reference.load_state_dict(dequantized)
+    codes = torch.cat([torch.randint(0, 100, (2, 1, 8)), torch.randint(0, 64, (2, 16, 8))], dim=1)
+    with torch.no_grad():
+        mine, theirs = ours(codes), reference(codes)
+        original = ref(codes)
+    valid = ~theirs.logits.isnan()
+    torch.testing.assert_close(mine.logits[valid], theirs.logits[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.text_logits, theirs.text_logits, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # And Q8_0 stays close to the unquantized model it came from.
+    drift = (mine.logits[valid] - original.logits[valid]).abs().max()
+    assert drift < 0.05 * original.logits[valid].abs().max()
+
+
+def test_shared_norm_copies_must_agree(files):
+    path, _ = files
+    tensors = read_gguf(path)
+    name = "depformer.3.transformer.layers.0.norm1.alpha"
+    tensors[name] = tensors[name] * 2
+    with pytest.raises(CheckpointError, match="slices of depformer.layers.0.norm1.alpha differ"):
+        candle_to_ours(tensors, 8, "x.gguf")
+
+
+def test_missing_and_foreign_tensors_are_named(tmp_path, files):
+    _, ref = files
+    state = official_state_dict(ref)
+    del state["text_linear.weight"]
+    state["extra.weight"] = torch.zeros(4, 32)
+    path = write_candle_gguf(tmp_path / "bad.gguf", state, 8)
+    with pytest.raises(CheckpointError, match=r"missing: text_linear\.weight.*unexpected: extra\.weight"):
+        load_lm(path, LMConfig.from_dict(CONFIG), dtype=torch.float32)
+
+
+def test_unsupported_type_and_garbage(tmp_path):
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "q4.gguf"), "moshi")
+    data = gguf.quants.quantize(np.random.randn(4, 64).astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+    writer.add_tensor("x.weight", data, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="Q4_0; only Q8_0, F16 and F32"):
+        read_gguf(tmp_path / "q4.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not gguf at all" * 4)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        read_gguf(tmp_path / "junk.gguf")
