@@ -61,6 +61,15 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None) -> torc
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
 
 
+def pad_batch(wavs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Waveforms [1, T_i] -> one zero-padded batch [B, 1, max T_i] and the true lengths."""
+    lengths = [w.shape[-1] for w in wavs]
+    batch = torch.zeros(len(wavs), 1, max(lengths))
+    for i, w in enumerate(wavs):
+        batch[i, :, : w.shape[-1]] = w
+    return batch, lengths
+
+
 def duration_seconds(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> float:
     """Length in seconds of a waveform whose last dimension is time."""
     return wav.shape[-1] / sample_rate

@@ -5,7 +5,7 @@ One function per direction, shared by the CLI, the web app and the API workers.
 
 import torch
 
-from .audio import AudioSource, load_audio
+from .audio import AudioSource, load_audio, pad_batch
 from .errors import InvalidParameterError
 from .mimi import MimiModel, Progress
 from .tokens import MimiTokens, TokenSource, load_tokens
@@ -34,13 +34,9 @@ def encode_audio(
     wavs = audio if batched else [audio]
     if not wavs:
         raise InvalidParameterError("no audio to encode")
-    lengths = [w.shape[-1] for w in wavs]
-    batch = torch.zeros(len(wavs), 1, max(lengths))
-    for i, w in enumerate(wavs):
-        batch[i, :, : w.shape[-1]] = w
-    device = next(mimi.parameters()).device
+    batch, lengths = pad_batch(wavs)
     with torch.inference_mode():
-        codes = mimi.encode(batch.to(device), num_codebooks, progress=progress).cpu()
+        codes = mimi.encode(batch.to(mimi.device), num_codebooks, progress=progress).cpu()
     return MimiTokens(
         codes=codes if batched else codes[0],
         num_samples=lengths,
@@ -55,9 +51,8 @@ def decode_tokens(
     """Decode a token file (or loaded tokens) into one 24 kHz waveform [1, T] per item."""
     if not isinstance(tokens, MimiTokens):
         tokens = load_tokens(tokens)
-    device = next(mimi.parameters()).device
     with torch.inference_mode():
-        wav = mimi.decode(tokens.codes.to(device), progress=progress).cpu()
+        wav = mimi.decode(tokens.codes.to(mimi.device), progress=progress).cpu()
     return [wav[i, :, :n] for i, n in enumerate(tokens.num_samples)]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .audio import pad_batch
 from .errors import InvalidParameterError
 from .generate import LMGenerator
 from .models import MoshiModels
@@ -47,17 +48,13 @@ def run_dialogue(
     if not wavs:
         raise InvalidParameterError("no audio for the dialogue")
     lm, mimi = models.lm, models.mimi
-    frame = mimi.frame_size
-    lengths = [w.shape[-1] for w in wavs]
-    frames = -(-max(lengths) // frame)
-    batch = torch.zeros(len(wavs), 1, frames * frame)
-    for i, w in enumerate(wavs):
-        batch[i, :, : w.shape[-1]] = w
+    batch, lengths = pad_batch(wavs)
+    frames = -(-max(lengths) // mimi.frame_size)
     user_streams = lm.cfg.num_codebooks - lm.cfg.dep_q - 1
     generator = LMGenerator(lm, sampling or SamplingParams.from_config(models.generation_defaults), seed=seed)
     state = generator.init_state(len(wavs))
     with torch.inference_mode():
-        user_codes = mimi.encode(batch.to(mimi_device(models)), num_codebooks=user_streams).to(lm.device)
+        user_codes = mimi.encode(batch.to(mimi.device), num_codebooks=user_streams).to(lm.device)
         generator.step(user_codes[..., :1], state)  # primes the delayed streams; yields nothing
         steps = []
         for t in range(frames):
@@ -65,7 +62,7 @@ def run_dialogue(
             if progress is not None:
                 progress(t + 1, frames)
         tokens = torch.stack(steps, dim=-1)  # [B, 1 + dep_q, F]
-        moshi = mimi.decode(tokens[:, 1:].to(mimi_device(models))).cpu()
+        moshi = mimi.decode(tokens[:, 1:].to(mimi.device)).cpu()
     results = []
     for i, n in enumerate(lengths):
         text = TextStream(models.tokenizer, frame_rate=mimi.frame_rate,
@@ -79,7 +76,3 @@ def run_dialogue(
             tokens=tokens[i].cpu(),
         ))
     return results if batched else results[0]
-
-
-def mimi_device(models: MoshiModels) -> torch.device:
-    return next(models.mimi.parameters()).device

@@ -138,6 +138,10 @@ class MimiModel(nn.Module):
     # -- properties -------------------------------------------------------------------------
 
     @property
+    def device(self) -> torch.device:
+        return self.downsample.conv.conv.conv.weight.device
+
+    @property
     def sample_rate(self) -> int:
         return self.cfg.sample_rate
 
