@@ -1,17 +1,20 @@
 """The web app: a Gradio UI on a FastAPI server (a Hugging Face Space runs this file).
 
-    python app.py [--mimi SOURCE] [--device auto|cpu|cuda] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model SOURCE] [--mimi SOURCE] [--device auto|cpu|cuda] [--dtype bfloat16]
+                  [--host 127.0.0.1] [--port 7860]
 
-Today it serves the Mimi codec jobs (audio -> token file -> audio). The live conversation
-tab and the REST API mount on this same server as the Moshi LM and the job queue land.
-Models load on first use, so the page comes up even before the weights are downloaded.
+Today it serves dialogue from a file and the Mimi codec jobs (audio -> token file -> audio).
+The live conversation tab and the REST API mount on this same server as they land. Models
+load on first use, so the page comes up even before the weights are downloaded.
 """
 
 import argparse
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import gradio as gr
 import torch
@@ -22,27 +25,31 @@ from moshi_core.audio import load_audio, write_wav
 from moshi_core.checkpoints import load_mimi
 from moshi_core.cli import MODEL_SOURCE_HELP
 from moshi_core.codec import decode_tokens, encode_audio, resolve_device
+from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
 from moshi_core.hub import DEFAULT_MIMI_SOURCE
 from moshi_core.mimi import MimiModel
+from moshi_core.models import DEFAULT_LM_SOURCE, MoshiModels, load_moshi, parse_dtype
+from moshi_core.sampling import SamplingParams
 from moshi_core.tokens import save_tokens
 
 MAX_AUDIO_SECONDS = float(os.environ.get("MOSHI_MAX_AUDIO_SECONDS", 600))
+T = TypeVar("T")
 
 
-class LazyMimi:
-    """Loads Mimi once, on first use, from one thread at a time."""
+class Lazy(Generic[T]):
+    """Loads a model once, on first use, from one thread at a time."""
 
-    def __init__(self, source: str, device: str) -> None:
-        self.source, self.device = source, device
-        self._model: MimiModel | None = None
+    def __init__(self, load: Callable[[], T]) -> None:
+        self._load = load
+        self._value: T | None = None
         self._lock = threading.Lock()
 
-    def get(self) -> MimiModel:
+    def get(self) -> T:
         with self._lock:
-            if self._model is None:
-                self._model = load_mimi(self.source, device=resolve_device(self.device))
-            return self._model
+            if self._value is None:
+                self._value = self._load()
+            return self._value
 
 
 def _progress_callback(progress: gr.Progress, label: str):
@@ -53,7 +60,23 @@ def _out_path(stem: str, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moshi-")) / f"{stem}{suffix}"
 
 
-def build_ui(mimi: LazyMimi) -> gr.Blocks:
+def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
+    def dialogue(audio_path: str | None, seed: float | None, temp_text: float, temp_audio: float, greedy: bool,
+                 progress=gr.Progress()):
+        if not audio_path:
+            raise gr.Error("Upload or record what the user says first.")
+        try:
+            wav = load_audio(audio_path, max_seconds=MAX_AUDIO_SECONDS)
+            sampling = SamplingParams(temp_text=temp_text, temp=temp_audio, use_sampling=not greedy)
+            result = run_dialogue(moshi.get(), wav, sampling=sampling, seed=None if seed is None else int(seed),
+                                  progress=_progress_callback(progress, "dialogue"))
+        except MoshiError as exc:
+            raise gr.Error(str(exc)) from exc
+        voice, both = _out_path("moshi", ".wav"), _out_path("user-left-moshi-right", ".wav")
+        write_wav(voice, result.audio)
+        write_wav(both, result.stereo)
+        return str(voice), str(both), result.text, result.transcript()["words"]
+
     def encode(audio_path: str | None, num_codebooks: float, progress=gr.Progress()) -> str:
         if not audio_path:
             raise gr.Error("Upload or record some audio first.")
@@ -80,11 +103,24 @@ def build_ui(mimi: LazyMimi) -> gr.Blocks:
 
     with gr.Blocks(title="Moshi serving stack") as ui:
         gr.Markdown(
-            "# Mimi codec\n"
-            "Kyutai's Mimi turns 24 kHz speech into 12.5 frames per second of discrete codes "
-            "(up to 32 codebooks of 2048 entries) and back. Live conversation with Moshi arrives "
-            "on this page with the language model."
+            "# Moshi\n"
+            "Kyutai's full-duplex speech model and its Mimi codec. Live conversation in the "
+            "browser arrives on this page next; today: a dialogue from a file, and the codec."
         )
+        with gr.Tab("Dialogue from a file"):
+            user_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="What the user says")
+            with gr.Row():
+                seed = gr.Number(value=None, precision=0, label="Seed (empty: random)")
+                temp_text = gr.Slider(0, 2, value=0.7, step=0.05, label="Text temperature")
+                temp_audio = gr.Slider(0, 2, value=0.8, step=0.05, label="Audio temperature")
+                greedy = gr.Checkbox(label="Greedy (no sampling)")
+            talk = gr.Button("Let Moshi answer", variant="primary")
+            voice_out = gr.Audio(label="Moshi", type="filepath")
+            both_out = gr.Audio(label="Both sides (user left, Moshi right)", type="filepath")
+            text_out = gr.Textbox(label="Moshi's text")
+            words_out = gr.JSON(label="Words with timestamps (s)")
+            talk.click(dialogue, [user_in, seed, temp_text, temp_audio, greedy],
+                       [voice_out, both_out, text_out, words_out], api_name="dialogue")
         with gr.Tab("Audio → Mimi tokens"):
             audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech")
             codebooks = gr.Slider(1, 32, value=8, step=1, label="Codebooks (8 is what Moshi uses; 32 sounds best)")
@@ -99,18 +135,28 @@ def build_ui(mimi: LazyMimi) -> gr.Blocks:
     return ui
 
 
-def create_app(mimi_source: str = DEFAULT_MIMI_SOURCE, device: str = "auto") -> FastAPI:
+def create_app(
+    model: str = DEFAULT_LM_SOURCE, mimi_source: str = DEFAULT_MIMI_SOURCE, device: str = "auto",
+    dtype: str = "bfloat16",
+) -> FastAPI:
     app = FastAPI(title="Moshi serving stack")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return gr.mount_gradio_app(app, build_ui(LazyMimi(mimi_source, device)), path="/")
+    mimi = Lazy(lambda: load_mimi(mimi_source, device=resolve_device(device)))
+    moshi = Lazy(lambda: load_moshi(model, device=resolve_device(device), dtype=parse_dtype(dtype)))
+    return gr.mount_gradio_app(app, build_ui(mimi, moshi), path="/")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the Moshi web app (Gradio UI on FastAPI).")
+    parser.add_argument("--model", default=os.environ.get("MOSHI_MODEL", DEFAULT_LM_SOURCE), metavar="SOURCE",
+                        help=f"Moshi model for dialogue: {MODEL_SOURCE_HELP} (env MOSHI_MODEL; default: %(default)s)")
+    parser.add_argument("--dtype", default=os.environ.get("MOSHI_DTYPE", "bfloat16"),
+                        choices=["bfloat16", "float16", "float32"],
+                        help="LM weights and compute (env MOSHI_DTYPE; default: %(default)s)")
     parser.add_argument("--mimi", default=os.environ.get("MOSHI_MIMI", DEFAULT_MIMI_SOURCE), metavar="SOURCE",
                         help=f"Mimi weights: {MODEL_SOURCE_HELP} (env MOSHI_MIMI; default: %(default)s)")
     parser.add_argument("--device", default=os.environ.get("MOSHI_DEVICE", "auto"),
@@ -120,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)),
                         help="port to listen on (env PORT; default: %(default)s)")
     args = parser.parse_args(argv)
-    print(f"Moshi app on http://{args.host}:{args.port} (Mimi from {args.mimi}; it loads on first use)")
-    uvicorn.run(create_app(args.mimi, args.device), host=args.host, port=args.port, log_level="warning")
+    print(f"Moshi app on http://{args.host}:{args.port} (Moshi from {args.model}, Mimi from {args.mimi}; "
+          "models load on first use)")
+    app = create_app(args.model, args.mimi, args.device, args.dtype)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(mimi_checkpoint):
+def app_url(mimi_checkpoint, tiny_moshi):
     port = _free_port()
-    env = {**os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_MODEL": str(tiny_moshi), "MOSHI_DTYPE": "float32",
+           "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_DIR, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -73,3 +74,18 @@ def test_bad_token_file_gets_a_readable_error(app_url, tmp_path):
     client = Client(app_url, verbose=False)
     with pytest.raises(AppError, match="not a readable safetensors file"):
         client.predict(handle_file(str(bad)), api_name="/decode")
+
+
+def test_dialogue_tab(app_url, shared_audio):
+    from gradio_client import Client, handle_file
+
+    import soundfile as sf
+
+    client = Client(app_url, verbose=False)
+    voice, both, text, words = client.predict(
+        handle_file(str(shared_audio / "en_short_16k.wav")), 1, 0.7, 0.8, False, api_name="/dialogue"
+    )
+    n = round(sf.info(str(shared_audio / "en_short_16k.wav")).frames * 24000 / 16000)
+    assert sf.info(voice).channels == 1 and sf.info(both).channels == 2
+    assert abs(sf.info(voice).frames - n) <= 1
+    assert isinstance(text, str) and isinstance(words, list)
