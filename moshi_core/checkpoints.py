@@ -80,6 +80,15 @@ def load_mimi(
     return model
 
 
+def _to(value, device):
+    """Move a tensor or a Q8 tensor to `device`."""
+    from .q8 import Q8Tensor
+
+    if isinstance(value, Q8Tensor):
+        return Q8Tensor(value.qs.to(device), value.scales.to(device))
+    return value.to(device)
+
+
 def checkpoint_id(source: str | os.PathLike, path: Path) -> str:
     """A stable name for the weights, stored in token files: repo/file for Hub sources."""
     text = os.fspath(source)
@@ -95,18 +104,30 @@ def load_lm(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    dequantize: bool = False,
 ) -> "LMModel":
     """The Moshi LM from Kyutai's `model.safetensors` (PyTorch or Candle names) or Candle
-    `model.q8.gguf`, in `dtype`. A GGUF is dequantized (exactly) and cast to `dtype`.
+    `model.q8.gguf`, computing in `dtype`.
+
+    A GGUF's Q8_0 matrices stay int8 in memory (see `moshi_core.q8`); with `dequantize` they
+    are dequantized exactly and held in `dtype` instead, like any float checkpoint.
     """
-    from .gguf import candle_to_ours, dequantized_state, is_candle_layout
+    from .gguf import candle_to_ours, dequantized_state, is_candle_layout, read_gguf
     from .lm import LMModel
+    from .q8 import attach_q8_weights
 
     path = Path(path)
     with torch.device("meta"):
         model = LMModel(config)
     if path.suffix == ".gguf":
-        return fill_module(model, dequantized_state(path, config.dep_q), path.name, dtype, device)
+        if dequantize:
+            return fill_module(model, dequantized_state(path, config.dep_q), path.name, dtype, device)
+        state = candle_to_ours(read_gguf(path), config.dep_q, path.name)
+        check_state_dict(model, state, path.name)
+        rest = attach_q8_weights(model, {k: _to(v, device) for k, v in state.items()}, dtype)
+        model = model.to_empty(device=device).to(dtype)
+        model.load_state_dict(rest, strict=True)
+        return model.eval().requires_grad_(False)
     state = read_safetensors(path)
     if is_candle_layout(state):  # `*-candle-bf16` repos: Candle names in a safetensors file
         state = candle_to_ours(state, config.dep_q, path.name)

@@ -8,37 +8,15 @@ PyTorch checkpoint's except for the depth transformer, split into one "slice" pe
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .q8 import Q8_BLOCK, Q8Tensor
 
-Q8_BLOCK = 32
 Q8_BLOCK_BYTES = 2 + Q8_BLOCK  # float16 scale, then 32 int8
-
-
-@dataclass
-class Q8Tensor:
-    """A Q8_0 matrix [out, in]: int8 values and one float16 scale per 32 along `in`."""
-
-    qs: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # float16 [out, in / 32]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.qs.shape
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out, inp = self.qs.shape
-        blocks = self.qs.view(out, inp // Q8_BLOCK, Q8_BLOCK).float() * self.scales.float()[..., None]
-        return blocks.view(out, inp).to(dtype)
-
-    @staticmethod
-    def cat(parts: list["Q8Tensor"]) -> "Q8Tensor":
-        return Q8Tensor(torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts]))
 
 
 GGUFTensor = torch.Tensor | Q8Tensor

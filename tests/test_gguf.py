@@ -6,7 +6,8 @@ import torch
 
 from moshi_core.checkpoints import load_lm
 from moshi_core.errors import CheckpointError
-from moshi_core.gguf import Q8Tensor, candle_to_ours, read_gguf
+from moshi_core.gguf import candle_to_ours, read_gguf
+from moshi_core.q8 import Q8Tensor, Q8Weight
 from moshi_core.lm import LMConfig
 from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_candle_gguf
 
@@ -38,27 +39,81 @@ def test_dequantization_equals_the_gguf_package(files):
     assert q8 > 90  # most matrices are Q8_0 (98 here; the depth MLP outputs stay F32)
 
 
-def test_lm_from_gguf_equals_the_reference_on_the_dequantized_weights(files, tmp_path):
-    """Load through the user's code path; compare with the reference given the same weights."""
-    path, ref = files
-    cfg = LMConfig.from_dict(CONFIG)
-    ours = load_lm(path, cfg, dtype=torch.float32)
-    # The reference, given the weights as our loader dequantized them, splits fused names itself.
-    dequantized = {k: v.clone() for k, v in ours.state_dict().items()}
+def _codes(steps=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randint(0, 100, (2, 1, steps), generator=g), torch.randint(0, 64, (2, 16, steps), generator=g)], 1)
+
+
+def test_dequantized_lm_equals_the_reference_on_the_same_weights(files):
+    """Loaded through the user's code path; the reference gets the weights as we dequantized them."""
     from moshi.models.lm import LMModel
 
+    path, ref = files
+    ours = load_lm(path, LMConfig.from_dict(CONFIG), dtype=torch.float32, dequantize=True)
     reference = LMModel(**CONFIG).eval()
-    reference.load_state_dict(dequantized)
-    codes = torch.cat([torch.randint(0, 100, (2, 1, 8)), torch.randint(0, 64, (2, 16, 8))], dim=1)
+    reference.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()})
+    codes = _codes()
     with torch.no_grad():
-        mine, theirs = ours(codes), reference(codes)
-        original = ref(codes)
+        mine, theirs, original = ours(codes), reference(codes), ref(codes)
     valid = ~theirs.logits.isnan()
     torch.testing.assert_close(mine.logits[valid], theirs.logits[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine.text_logits, theirs.text_logits, rtol=1e-5, atol=1e-5, equal_nan=True)
-    # And Q8_0 stays close to the unquantized model it came from.
+    # Q8_0 stays close to the unquantized model it came from.
     drift = (mine.logits[valid] - original.logits[valid]).abs().max()
     assert drift < 0.05 * original.logits[valid].abs().max()
+
+
+@pytest.fixture(scope="module")
+def int8_and_float(files):
+    path, _ = files
+    cfg = LMConfig.from_dict(CONFIG)
+    return load_lm(path, cfg, dtype=torch.float32), load_lm(path, cfg, dtype=torch.float32, dequantize=True)
+
+
+def test_int8_weights_stay_int8(int8_and_float):
+    int8, _ = int8_and_float
+    attention = int8.transformer.layers[0].self_attn
+    for weight in (int8.text_linear.weight, int8.emb[0].weight, attention.in_proj_weight, int8.linears[3].weight):
+        assert isinstance(weight, Q8Weight) and weight.qs.dtype == torch.int8
+    assert not isinstance(int8.out_norm.alpha, Q8Weight)
+
+
+def test_int8_forward_within_1e4_of_float32(int8_and_float):
+    """Same weights, summed in another order: logits agree to 1e-4 (relative to their scale)."""
+    int8, floating = int8_and_float
+    codes = _codes()
+    with torch.no_grad():
+        a, b = int8(codes), floating(codes)
+    valid = ~b.logits.isnan()
+    scale = b.logits[valid].abs().max()
+    assert (a.logits[valid] - b.logits[valid]).abs().max() < 1e-4 * scale
+    assert (a.text_logits - b.text_logits).abs().nan_to_num().max() < 1e-4 * b.text_logits.nan_to_num().abs().max()
+
+
+def test_int8_greedy_generation_equals_float32_for_60_steps(int8_and_float):
+    from moshi_core.generate import LMGenerator
+    from moshi_core.sampling import SamplingParams
+
+    outputs = []
+    user = torch.randint(0, 64, (60, 2, 8, 1), generator=torch.Generator().manual_seed(1))
+    for model in int8_and_float:
+        gen = LMGenerator(model, SamplingParams.greedy())
+        state = gen.init_state(2)
+        outputs.append(torch.stack([gen.step(user[t], state) for t in range(60)]))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_fallback_without_the_cpu_kernel_agrees(int8_and_float, monkeypatch):
+    import moshi_core.q8 as q8
+
+    int8, _ = int8_and_float
+    codes = _codes()
+    with torch.no_grad():
+        with_kernel = int8(codes).logits
+        monkeypatch.setitem(q8._kernel_state, "kernel", None)
+        without = int8(codes).logits
+    valid = ~with_kernel.isnan()
+    torch.testing.assert_close(without[valid], with_kernel[valid], rtol=1e-4, atol=1e-4)
 
 
 def test_shared_norm_copies_must_agree(files):
