@@ -101,8 +101,24 @@ def run_side(side: str, config: str, dtype_name: str, steps: int) -> dict:
             start = time.perf_counter()
             step(user[t])
             times.append(time.perf_counter() - start)
-    times = sorted(times[5:])
-    return {"p50": times[len(times) // 2], "p95": times[int(0.95 * (len(times) - 1))], "bytes": step_bytes(model)}
+    return summarize(times[5:], step_bytes(model))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), after a garbage collection."""
+    import gc
+
+    gc.collect()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def summarize(times: list[float], read_bytes: int) -> dict:
+    times = sorted(times)
+    return {"p50": times[len(times) // 2], "p95": times[int(0.95 * (len(times) - 1))], "bytes": read_bytes,
+            "rss": resident_bytes()}
 
 
 def main() -> None:

@@ -81,11 +81,13 @@ def load_mimi(
 
 
 def _to(value, device):
-    """Move a tensor or a Q8 tensor to `device`."""
-    from .q8 import Q8Tensor
+    """Move a tensor or an 8-bit tensor to `device`."""
+    from .q8 import Int8Rows, Q8Tensor
 
     if isinstance(value, Q8Tensor):
         return Q8Tensor(value.qs.to(device), value.scales.to(device))
+    if isinstance(value, Int8Rows):
+        return Int8Rows(value.cb.to(device), value.scb.to(device))
     return value.to(device)
 
 
@@ -106,29 +108,30 @@ def load_lm(
     device: torch.device | str = "cpu",
     dequantize: bool = False,
 ) -> "LMModel":
-    """The Moshi LM from Kyutai's `model.safetensors` (PyTorch or Candle names) or Candle
-    `model.q8.gguf`, computing in `dtype`.
+    """The Moshi LM from Kyutai's `model.safetensors` (PyTorch or Candle names), Candle
+    `model.q8.gguf` or PyTorch `model.q8.safetensors`, computing in `dtype`.
 
-    A GGUF's Q8_0 matrices stay int8 in memory (see `moshi_core.q8`); with `dequantize` they
-    are dequantized exactly and held in `dtype` instead, like any float checkpoint.
+    8-bit matrices stay int8 in memory (see `moshi_core.q8`); with `dequantize` they are
+    dequantized and held in `dtype` instead, like any float checkpoint.
     """
-    from .gguf import candle_to_ours, dequantized_state, is_candle_layout, read_gguf
+    from .gguf import candle_to_ours, is_candle_layout, read_gguf
     from .lm import LMModel
-    from .q8 import attach_q8_weights
+    from .q8 import attach_int8_weights, join_row_scales
 
     path = Path(path)
     with torch.device("meta"):
         model = LMModel(config)
     if path.suffix == ".gguf":
-        if dequantize:
-            return fill_module(model, dequantized_state(path, config.dep_q), path.name, dtype, device)
         state = candle_to_ours(read_gguf(path), config.dep_q, path.name)
-        check_state_dict(model, state, path.name)
-        rest = attach_q8_weights(model, {k: _to(v, device) for k, v in state.items()}, dtype)
-        model = model.to_empty(device=device).to(dtype)
-        model.load_state_dict(rest, strict=True)
-        return model.eval().requires_grad_(False)
-    state = read_safetensors(path)
-    if is_candle_layout(state):  # `*-candle-bf16` repos: Candle names in a safetensors file
-        state = candle_to_ours(state, config.dep_q, path.name)
-    return fill_module(model, state, path.name, dtype, device)
+    else:
+        state = read_safetensors(path)
+        if is_candle_layout(state):  # `*-candle-bf16` repos: Candle names in a safetensors file
+            state = candle_to_ours(state, config.dep_q, path.name)
+        state = join_row_scales(state)  # `*-pytorch-q8` repos: int8 weights with `_scb` scales
+    if dequantize:
+        state = {k: v.dequantize() if hasattr(v, "dequantize") else v for k, v in state.items()}
+    check_state_dict(model, state, path.name)
+    rest = attach_int8_weights(model, {k: _to(v, device) for k, v in state.items()}, dtype)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict(rest, strict=True)
+    return model.eval().requires_grad_(False)

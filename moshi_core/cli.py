@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
     _add_model_options(dec)
 
+    sub.add_parser("models", help="list the models --model knows by name",
+                   description="The Hub repos moshi-core runs, with what they hold. Any folder laid out "
+                               "like them works too.")
+
     dia = sub.add_parser(
         "dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
         description=(
@@ -201,10 +205,17 @@ def _dialogue(args: argparse.Namespace) -> None:
             print(f"Moshi: {result.text}", file=sys.stderr)
 
 
+def _models(args: argparse.Namespace) -> None:
+    from .models import DEFAULT_LM_SOURCE, SUPPORTED_MODELS
+
+    for repo, what in SUPPORTED_MODELS.items():
+        print(f"{repo:32s} {what}{'  [default]' if repo == DEFAULT_LM_SOURCE else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"encode": _encode, "decode": _decode, "dialogue": _dialogue}[args.command](args)
+        {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "models": _models}[args.command](args)
     except MoshiError as exc:
         print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ PyTorch checkpoint's except for the depth transformer, split into one "slice" pe
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,9 +98,3 @@ def candle_to_ours(tensors: dict[str, GGUFTensor], dep_q: int, source: str) -> d
         else:
             state[name] = torch.cat([p.dequantize() if isinstance(p, Q8Tensor) else p for p in parts])
     return state
-
-
-def dequantized_state(path: Path, dep_q: int) -> dict[str, torch.Tensor]:
-    """The float32 state dict (our names) of a Candle GGUF."""
-    state = candle_to_ours(read_gguf(path), dep_q, path.name)
-    return {k: v.dequantize() if isinstance(v, Q8Tensor) else v.float() for k, v in state.items()}

@@ -22,16 +22,18 @@ from .lm import MOSHI_7B, LMConfig, LMModel
 from .mimi import MimiModel
 from .text import TextTokenizer
 
-DEFAULT_LM_SOURCE = "kyutai/moshika-pytorch-bf16"
+DEFAULT_LM_SOURCE = "kyutai/moshika-candle-q8"
 SUPPORTED_MODELS = {
     "kyutai/moshika-pytorch-bf16": "Moshi, female voice, bfloat16 (15.4 GB)",
     "kyutai/moshiko-pytorch-bf16": "Moshi, male voice, bfloat16 (15.4 GB)",
-    "kyutai/moshika-candle-q8": "Moshi, female voice, 8-bit GGUF (8.2 GB download; dequantized to --dtype)",
-    "kyutai/moshiko-candle-q8": "Moshi, male voice, 8-bit GGUF (dequantized to --dtype)",
+    "kyutai/moshika-candle-q8": "Moshi, female voice, 8-bit GGUF, kept int8 (8.2 GB), the default",
+    "kyutai/moshiko-candle-q8": "Moshi, male voice, 8-bit GGUF, kept int8 (8.2 GB)",
     "kyutai/moshika-candle-bf16": "Moshi, female voice, Candle bfloat16",
     "kyutai/moshiko-candle-bf16": "Moshi, male voice, Candle bfloat16",
+    "kyutai/moshika-pytorch-q8": "Moshi, female voice, row-wise int8 (bitsandbytes layout)",
+    "kyutai/moshiko-pytorch-q8": "Moshi, male voice, row-wise int8 (bitsandbytes layout)",
 }
-LM_FILENAMES = ("model.safetensors", "model.q8.gguf")
+LM_FILENAMES = ("model.q8.gguf", "model.safetensors", "model.q8.safetensors")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,11 +100,6 @@ def load_moshi(
     if parsed.local is not None and parsed.local.is_file():
         raise ModelSourceError(f"{parsed.local} is a file: give the folder that holds the model's files")
     config = _read_config(parsed, revision)
-    if config.get("quantize"):
-        raise ModelSourceError(
-            f"{source} is a bitsandbytes-quantized PyTorch model, which is not supported yet: use "
-            f"{DEFAULT_LM_SOURCE} or kyutai/moshika-candle-q8"
-        )
     try:
         lm_config = LMConfig.from_dict(config or MOSHI_7B)
     except (TypeError, ValueError) as exc:

@@ -1,4 +1,5 @@
-"""Q8_0 weights kept int8 in memory, with a CPU matrix-vector kernel that reads them as int8.
+"""8-bit weights kept int8 in memory: GGUF's Q8_0 (Kyutai's Candle q8) and bitsandbytes'
+row-wise int8 (Kyutai's `*-pytorch-q8`).
 
 Q8_0 (GGUF's 8-bit format) stores a matrix [out, in] as int8 values with one float16 scale
 per block of 32 along `in`. Stock PyTorch has no matmul for per-block scales: its int8
@@ -7,8 +8,12 @@ So a small C++ kernel (compiled on first use with `torch.utils.cpp_extension`, c
 afterwards) computes y = x W^T block by block from the int8 values; where it cannot be
 built, or on GPUs, the weights are dequantized a slab of rows at a time instead.
 
-A `Q8Weight` stands where a layer's float weight was. It implements `__torch_function__`,
-so `F.linear` and `F.embedding` on it reach the kernel while the model code stays unchanged.
+Row-wise int8 (`W = CB * SCB / 127`, one float32 scale per row) maps onto PyTorch's own
+int8 weight-only matmul, `torch._weight_int8pack_mm`.
+
+A `QuantizedWeight` stands where a layer's float weight was. It implements
+`__torch_function__`, so `F.linear` and `F.embedding` on it reach these kernels while the
+model code stays unchanged.
 """
 
 import logging
@@ -47,56 +52,104 @@ def _dequantize_rows(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(*lead, cols)
 
 
-class Q8Weight(Q8Tensor):
-    """A Q8_0 weight in place of a float parameter; computes in `dtype`."""
+@dataclass
+class Int8Rows:
+    """bitsandbytes' row-wise int8: `CB` [out, in] and float32 `SCB` [out]; W = CB * SCB / 127."""
 
-    def __init__(self, qs: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__(qs, scales)
-        self.dtype = dtype
+    cb: torch.Tensor
+    scb: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.cb.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.cb.float() * (self.scb.float() / 127)[:, None]).to(dtype)
+
+
+class QuantizedWeight:
+    """Shared behaviour of int8 weights in place of float parameters, computing in `dtype`."""
+
+    dtype: torch.dtype
+    shape: torch.Size
 
     @property
     def device(self) -> torch.device:
-        return self.qs.device
+        raise NotImplementedError
 
     def new_zeros(self, *shape, **kwargs) -> torch.Tensor:
         kwargs.setdefault("dtype", self.dtype)
         kwargs.setdefault("device", self.device)
         return torch.zeros(*shape, **kwargs)
 
-    def __getitem__(self, rows: slice) -> "Q8Weight":
-        if not isinstance(rows, slice):
-            raise TypeError("a Q8 weight can only be sliced by rows")
-        return Q8Weight(self.qs[rows], self.scales[rows], self.dtype)
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            return q8_linear(*args, **kwargs)
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            lead = x.shape[:-1]
+            y = weight.linear(x.reshape(-1, x.shape[-1])).to(x.dtype)
+            return (y if bias is None else y + bias).view(*lead, -1)
         if func is F.embedding:
-            tokens, weight = args[0], args[1]
-            return _dequantize_rows(weight.qs[tokens], weight.scales[tokens]).to(weight.dtype)
-        raise TypeError(f"{func.__name__} is not supported on Q8 weights")
+            return args[1].embedding(args[0])
+        raise TypeError(f"{func.__name__} is not supported on 8-bit weights")
 
 
-def q8_linear(x: torch.Tensor, weight: Q8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ weight.T [+ bias] -> [..., out], in x's dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    kernel = _cpu_kernel() if x.device.type == "cpu" else None
-    if kernel is not None:
-        y = kernel.q8_matmul(x2, weight.qs, weight.scales).to(x.dtype)
-    else:
-        y = _slab_matmul(x2, weight)
-    if bias is not None:
-        y = y + bias
-    return y.view(*lead, -1)
+class Q8Weight(QuantizedWeight, Q8Tensor):
+    def __init__(self, qs: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        Q8Tensor.__init__(self, qs, scales)
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    def __getitem__(self, rows: slice) -> "Q8Weight":
+        if not isinstance(rows, slice):
+            raise TypeError("an 8-bit weight can only be sliced by rows")
+        return Q8Weight(self.qs[rows], self.scales[rows], self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _cpu_kernel() if x.device.type == "cpu" else None
+        if kernel is not None:
+            return kernel.q8_matmul(x, self.qs, self.scales)
+        return _slab_matmul(x, self)
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _dequantize_rows(self.qs[tokens], self.scales[tokens]).to(self.dtype)
+
+
+class Int8RowWeight(QuantizedWeight, Int8Rows):
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> None:
+        Int8Rows.__init__(self, cb, scb)
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cb.device
+
+    def __getitem__(self, rows: slice) -> "Int8RowWeight":
+        if not isinstance(rows, slice):
+            raise TypeError("an 8-bit weight can only be sliced by rows")
+        return Int8RowWeight(self.cb[rows], self.scb[rows], self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        # Scales in float32 with float32 activations: bfloat16 scales would round every row.
+        return torch._weight_int8pack_mm(x.float(), self.cb, self.scb.float() / 127)
 
 
 def _slab_matmul(x: torch.Tensor, weight: Q8Weight, slab: int = 1024) -> torch.Tensor:
     """Fallback: dequantize `slab` rows at a time, so no full float copy is ever made."""
+    x = x.float()
     parts = [
-        F.linear(x, _dequantize_rows(weight.qs[i : i + slab], weight.scales[i : i + slab]).to(x.dtype))
+        F.linear(x, _dequantize_rows(weight.qs[i : i + slab], weight.scales[i : i + slab]))
         for i in range(0, weight.qs.shape[0], slab)
     ]
     return torch.cat(parts, dim=-1)
@@ -127,11 +180,13 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         for (int64_t b = 0; b < NB; ++b) {
           const int8_t* blk = row + b * 32;
+          _mm_prefetch((const char*)(blk + 1024), _MM_HINT_T0);
           __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)blk)));
           __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 16))));
-          __m512 s = _mm512_set1_ps(static_cast<float>(srow[b]));
-          acc0 = _mm512_fmadd_ps(_mm512_mul_ps(w0, s), _mm512_loadu_ps(xr + b * 32), acc0);
-          acc1 = _mm512_fmadd_ps(_mm512_mul_ps(w1, s), _mm512_loadu_ps(xr + b * 32 + 16), acc1);
+          // One block's dot product, then its scale: two FMAs and a multiply per 32 weights.
+          __m512 dot = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + b * 32 + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr + b * 32)));
+          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(static_cast<float>(srow[b])), acc1);
+          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(static_cast<float>(srow[b])), acc0);
         }
         yp[m * O + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
       }
@@ -155,24 +210,40 @@ def _cpu_kernel():
 
             _kernel_state["kernel"] = load_inline(
                 "moshi_core_q8", cpp_sources=_KERNEL_SOURCE, functions=["q8_matmul"],
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl"], verbose=False,
+                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as exc:  # any build problem means: use the portable path
             log.warning("Q8 CPU kernel unavailable (%s); dequantizing slabs of rows instead", exc)
     return _kernel_state["kernel"]
 
 
-def attach_q8_weights(model: torch.nn.Module, state: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Put a `Q8Weight` in place of every parameter that `state` holds in Q8_0 (on a model
+def attach_int8_weights(model: torch.nn.Module, state: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Put an 8-bit weight in place of every parameter that `state` holds in 8 bits (on a model
     still on the meta device, so no float copy is ever allocated). Returns the rest of the
     state, the tensors to load as usual."""
     rest = {}
     for name, value in state.items():
-        if not isinstance(value, Q8Tensor):
+        if isinstance(value, Q8Tensor):
+            weight: QuantizedWeight = Q8Weight(value.qs.contiguous(), value.scales.contiguous(), dtype)
+        elif isinstance(value, Int8Rows):
+            weight = Int8RowWeight(value.cb.contiguous(), value.scb.float().contiguous(), dtype)
+        else:
             rest[name] = value
             continue
         owner, attr = name.rsplit(".", 1)
         module = model.get_submodule(owner)
         del module._parameters[attr]
-        setattr(module, attr, Q8Weight(value.qs.contiguous(), value.scales.contiguous(), dtype))
+        setattr(module, attr, weight)
     return rest
+
+
+def join_row_scales(state: dict[str, torch.Tensor]) -> dict:
+    """bitsandbytes files store `X` (int8) beside `X_scb` (float32 per-row scales): pair them."""
+    joined: dict = {}
+    for name, value in state.items():
+        if name.endswith("_scb"):
+            continue
+        scb = state.get(name + "_scb")
+        joined[name] = value if scb is None else Int8Rows(value, scb)
+    return joined

@@ -150,3 +150,32 @@ def test_unsupported_type_and_garbage(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not gguf at all" * 4)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         read_gguf(tmp_path / "junk.gguf")
+
+
+def test_pytorch_q8_layout_loads_int8_rows(tmp_path):
+    """Kyutai's `*-pytorch-q8` files: int8 `weight` + float32 `weight_scb` (row absmax)."""
+    from safetensors.torch import save_file
+
+    from moshi_core.q8 import Int8RowWeight
+
+    ref = random_reference_lm(CONFIG)
+    state = {}
+    for name, value in official_state_dict(ref).items():
+        if value.dim() == 2 and "emb" not in name:  # bitsandbytes quantizes the linears only
+            scb = value.abs().amax(dim=1).float()
+            state[name] = torch.round(value / scb[:, None] * 127).to(torch.int8)
+            state[name + "_scb"] = scb
+        else:
+            state[name] = value
+    path = tmp_path / "model.q8.safetensors"
+    save_file(state, str(path))
+    cfg = LMConfig.from_dict(CONFIG)
+    int8 = load_lm(path, cfg, dtype=torch.float32)
+    floating = load_lm(path, cfg, dtype=torch.float32, dequantize=True)
+    assert isinstance(int8.transformer.layers[1].gating.linear_in.weight, Int8RowWeight)
+    assert not isinstance(int8.text_emb.weight, Int8RowWeight)
+    codes = _codes()
+    with torch.no_grad():
+        a, b = int8(codes).logits, floating(codes).logits
+    valid = ~b.isnan()
+    assert (a[valid] - b[valid]).abs().max() < 1e-4 * b[valid].abs().max()
