@@ -26,7 +26,7 @@ DEFAULT_LM_SOURCE = "kyutai/moshika-candle-q8"
 SUPPORTED_MODELS = {
     "kyutai/moshika-pytorch-bf16": "Moshi, female voice, bfloat16 (15.4 GB)",
     "kyutai/moshiko-pytorch-bf16": "Moshi, male voice, bfloat16 (15.4 GB)",
-    "kyutai/moshika-candle-q8": "Moshi, female voice, 8-bit GGUF, kept int8 (8.2 GB), the default",
+    "kyutai/moshika-candle-q8": "Moshi, female voice, 8-bit GGUF, kept int8 (8.2 GB)",
     "kyutai/moshiko-candle-q8": "Moshi, male voice, 8-bit GGUF, kept int8 (8.2 GB)",
     "kyutai/moshika-candle-bf16": "Moshi, female voice, Candle bfloat16",
     "kyutai/moshiko-candle-bf16": "Moshi, male voice, Candle bfloat16",
