@@ -43,6 +43,7 @@ test: setup-test
 bench: setup-test
 	$(PY) bench/mimi_bench.py
 	$(PY) bench/lm_bench.py --config reduced
+	$(PY) bench/q8_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
