@@ -1,6 +1,7 @@
 """Loading Kyutai's released checkpoints into our modules, keys unchanged.
 
-The model is built on the `meta` device, then given fresh storage and filled from the file.
+The model is built on the `meta` device, then given fresh storage and filled from the file
+(8-bit matrices become 8-bit weights instead, see `moshi_core.q8`).
 Copying (instead of assigning the file's tensors) costs one pass over the weights but gives
 64-byte aligned buffers, which the CPU matrix kernels read measurably faster.
 """
@@ -48,17 +49,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def load_module(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Fill a meta-device `model` from a safetensors file, strictly."""
-    return fill_module(model, read_safetensors(path), path.name, dtype, device)
+def materialize(model: nn.Module, state: dict, name: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Fill a meta-device `model` from `state`, strictly; 8-bit tensors become 8-bit weights."""
+    from .q8 import attach_int8_weights
 
-
-def fill_module(
-    model: nn.Module, state: dict[str, torch.Tensor], name: str, dtype: torch.dtype, device: torch.device | str
-) -> nn.Module:
     check_state_dict(model, state, name)
+    rest = attach_int8_weights(model, state, dtype, device)
     model = model.to_empty(device=device).to(dtype)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(rest, strict=True)
     return model.eval().requires_grad_(False)
 
 
@@ -74,21 +72,10 @@ def load_mimi(
     path = resolve_file(source, MIMI_FILENAMES, revision)
     with torch.device("meta"):
         model = MimiModel(config or MimiConfig(num_codebooks=num_codebooks))
-    model = load_module(model, path, torch.float32, device)
+    model = materialize(model, read_safetensors(path), path.name, torch.float32, device)
     model.num_codebooks = num_codebooks
     model.checkpoint_id = checkpoint_id(source, path)
     return model
-
-
-def _to(value, device):
-    """Move a tensor or an 8-bit tensor to `device`."""
-    from .q8 import Int8Rows, Q8Tensor
-
-    if isinstance(value, Q8Tensor):
-        return Q8Tensor(value.qs.to(device), value.scales.to(device))
-    if isinstance(value, Int8Rows):
-        return Int8Rows(value.cb.to(device), value.scb.to(device))
-    return value.to(device)
 
 
 def checkpoint_id(source: str | os.PathLike, path: Path) -> str:
@@ -116,7 +103,7 @@ def load_lm(
     """
     from .gguf import candle_to_ours, is_candle_layout, read_gguf
     from .lm import LMModel
-    from .q8 import attach_int8_weights, join_row_scales
+    from .q8 import join_row_scales
 
     path = Path(path)
     with torch.device("meta"):
@@ -130,8 +117,4 @@ def load_lm(
         state = join_row_scales(state)  # `*-pytorch-q8` repos: int8 weights with `_scb` scales
     if dequantize:
         state = {k: v.dequantize() if hasattr(v, "dequantize") else v for k, v in state.items()}
-    check_state_dict(model, state, path.name)
-    rest = attach_int8_weights(model, {k: _to(v, device) for k, v in state.items()}, dtype)
-    model = model.to_empty(device=device).to(dtype)
-    model.load_state_dict(rest, strict=True)
-    return model.eval().requires_grad_(False)
+    return materialize(model, state, path.name, dtype, device)

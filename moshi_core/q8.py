@@ -218,16 +218,20 @@ def _cpu_kernel():
     return _kernel_state["kernel"]
 
 
-def attach_int8_weights(model: torch.nn.Module, state: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Put an 8-bit weight in place of every parameter that `state` holds in 8 bits (on a model
-    still on the meta device, so no float copy is ever allocated). Returns the rest of the
-    state, the tensors to load as usual."""
+def attach_int8_weights(
+    model: torch.nn.Module, state: dict, dtype: torch.dtype, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Put an 8-bit weight (on `device`) in place of every parameter that `state` holds in
+    8 bits, on a model still on the meta device, so no float copy is ever allocated. Returns
+    the rest of the state, the tensors to load as usual."""
     rest = {}
     for name, value in state.items():
         if isinstance(value, Q8Tensor):
-            weight: QuantizedWeight = Q8Weight(value.qs.contiguous(), value.scales.contiguous(), dtype)
+            weight: QuantizedWeight = Q8Weight(
+                value.qs.to(device).contiguous(), value.scales.to(device).contiguous(), dtype
+            )
         elif isinstance(value, Int8Rows):
-            weight = Int8RowWeight(value.cb.contiguous(), value.scb.float().contiguous(), dtype)
+            weight = Int8RowWeight(value.cb.to(device).contiguous(), value.scb.to(device).float().contiguous(), dtype)
         else:
             rest[name] = value
             continue
