@@ -68,7 +68,8 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
         try:
             wav = load_audio(audio_path, max_seconds=MAX_AUDIO_SECONDS)
             sampling = SamplingParams(temp_text=temp_text, temp=temp_audio, use_sampling=not greedy)
-            result = run_dialogue(moshi.get(), wav, sampling=sampling, seed=None if seed is None else int(seed),
+            fixed_seed = None if seed is None or seed < 0 else int(seed)
+            result = run_dialogue(moshi.get(), wav, sampling=sampling, seed=fixed_seed,
                                   progress=_progress_callback(progress, "dialogue"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
@@ -110,7 +111,7 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
         with gr.Tab("Dialogue from a file"):
             user_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="What the user says")
             with gr.Row():
-                seed = gr.Number(value=None, precision=0, label="Seed (empty: random)")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1: a new one each time)")
                 temp_text = gr.Slider(0, 2, value=0.7, step=0.05, label="Text temperature")
                 temp_audio = gr.Slider(0, 2, value=0.8, step=0.05, label="Audio temperature")
                 greedy = gr.Checkbox(label="Greedy (no sampling)")
