@@ -68,14 +68,30 @@ class Int8Rows:
 
 
 class QuantizedWeight:
-    """Shared behaviour of int8 weights in place of float parameters, computing in `dtype`."""
+    """Shared behaviour of int8 weights in place of float parameters, computing in `dtype`.
+
+    Subclasses are dataclass-like: their fields are tensors with one row per output, given
+    to the constructor in order, followed by `dtype`.
+    """
 
     dtype: torch.dtype
     shape: torch.Size
 
+    def __init__(self, *tensors: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__(*tensors)
+        self.dtype = dtype
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self._tensors()[0].device
+
+    def __getitem__(self, rows: slice) -> "QuantizedWeight":
+        if not isinstance(rows, slice):
+            raise TypeError("an 8-bit weight can only be sliced by rows")
+        return type(self)(*(t[rows] for t in self._tensors()), dtype=self.dtype)
 
     def new_zeros(self, *shape, **kwargs) -> torch.Tensor:
         kwargs.setdefault("dtype", self.dtype)
@@ -103,19 +119,6 @@ class QuantizedWeight:
 
 
 class Q8Weight(QuantizedWeight, Q8Tensor):
-    def __init__(self, qs: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
-        Q8Tensor.__init__(self, qs, scales)
-        self.dtype = dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.qs.device
-
-    def __getitem__(self, rows: slice) -> "Q8Weight":
-        if not isinstance(rows, slice):
-            raise TypeError("an 8-bit weight can only be sliced by rows")
-        return Q8Weight(self.qs[rows], self.scales[rows], self.dtype)
-
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         kernel = _cpu_kernel() if x.device.type == "cpu" else None
         if kernel is not None:
@@ -127,19 +130,6 @@ class Q8Weight(QuantizedWeight, Q8Tensor):
 
 
 class Int8RowWeight(QuantizedWeight, Int8Rows):
-    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> None:
-        Int8Rows.__init__(self, cb, scb)
-        self.dtype = dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.cb.device
-
-    def __getitem__(self, rows: slice) -> "Int8RowWeight":
-        if not isinstance(rows, slice):
-            raise TypeError("an 8-bit weight can only be sliced by rows")
-        return Int8RowWeight(self.cb[rows], self.scb[rows], self.dtype)
-
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         # Scales in float32 with float32 activations: bfloat16 scales would round every row.
         return torch._weight_int8pack_mm(x.float(), self.cb, self.scb.float() / 127)
@@ -228,10 +218,12 @@ def attach_int8_weights(
     for name, value in state.items():
         if isinstance(value, Q8Tensor):
             weight: QuantizedWeight = Q8Weight(
-                value.qs.to(device).contiguous(), value.scales.to(device).contiguous(), dtype
+                value.qs.to(device).contiguous(), value.scales.to(device).contiguous(), dtype=dtype
             )
         elif isinstance(value, Int8Rows):
-            weight = Int8RowWeight(value.cb.to(device).contiguous(), value.scb.to(device).float().contiguous(), dtype)
+            weight = Int8RowWeight(
+                value.cb.to(device).contiguous(), value.scb.to(device).float().contiguous(), dtype=dtype
+            )
         else:
             rest[name] = value
             continue
