@@ -332,7 +332,8 @@ class Transformer(nn.Module):
         first_step = cache.steps
         index, pos_q = cache.advance(x.shape[1])
         cfg = self.cfg
-        if cfg.context is None and cache.offset.max() > cache.capacity:
+        # A Python counter, not `offset.max()`: no device sync on the hot path.
+        if cfg.context is None and cache.steps > cache.capacity:
             raise ValueError(f"sequence longer than the cache capacity {cache.capacity}")
         rotation = None
         if cfg.positional_embedding == "rope":
