@@ -28,3 +28,7 @@ class CheckpointError(MoshiError):
 
 class ModelSourceError(MoshiError):
     """A model source (repo id, hf:// URI, local path) cannot be resolved or fetched."""
+
+
+class LiveBusyError(MoshiError):
+    """Every live conversation slot is taken: the caller should try again later."""

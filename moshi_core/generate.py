@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .lm import UNGENERATED_TOKEN, LMModel
-from .sampling import SamplingParams, sample_token
+from .sampling import SamplingParams, SlotSampling, sample_token
 from .transformer import KVCache
 
 
@@ -22,6 +22,7 @@ class GenerationState:
     tokens: torch.Tensor  # [B, K, max_delay + 2] ring of recent tokens per stream
     offsets: torch.Tensor  # [B] steps taken by each slot
     lm: KVCache  # temporal transformer cache
+    slots: SlotSampling | None = None  # per-slot sampling; None: the generator's own for every slot
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         if mask is None:
@@ -49,14 +50,17 @@ class LMGenerator:
         if seed is not None:
             self.generator = torch.Generator(device=lm.device).manual_seed(seed)
 
-    def init_state(self, batch_size: int = 1) -> GenerationState:
+    def init_state(self, batch_size: int = 1, per_slot_sampling: bool = False) -> GenerationState:
+        """With `per_slot_sampling`, each slot samples with its own parameters and generator
+        (`state.slots.configure(slot, params, seed)`), not the generator's shared ones."""
         cfg = self.lm.cfg
         tokens = torch.full(
             (batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, dtype=torch.long,
             device=self.lm.device,
         )
         offsets = torch.zeros(batch_size, dtype=torch.long, device=self.lm.device)
-        return GenerationState(tokens, offsets, self.lm.init_state(batch_size))
+        slots = SlotSampling(batch_size, self.lm.device) if per_slot_sampling else None
+        return GenerationState(tokens, offsets, self.lm.init_state(batch_size), slots)
 
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor, state: GenerationState) -> torch.Tensor:
@@ -83,9 +87,8 @@ class LMGenerator:
         inputs = torch.where(before_start, lm.initial_tokens(B), inputs)
 
         z, text_logits = lm.forward_text(inputs, state.lm)
-        p = self.sampling
-        text = sample_token(text_logits[:, 0, 0], p.temp_text, p.top_k_text, p.use_sampling, self.generator)
-        audio = self._depth_step(text, z)
+        text = self._sample(text_logits[:, 0, 0], state, text=True)
+        audio = self._depth_step(text, z, state)
 
         state.offsets.add_(1)
         written = (state.offsets % ring)[:, None, None]
@@ -98,13 +101,18 @@ class LMGenerator:
         out = state.tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
         return torch.where((state.offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out)
 
-    def _depth_step(self, text: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, state: GenerationState, text: bool) -> torch.Tensor:
+        if state.slots is not None:
+            return state.slots.sample(logits, text)
+        return sample_token(logits, *self.sampling.for_stream(text), self.sampling.use_sampling, self.generator)
+
+    def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState) -> torch.Tensor:
         """Moshi's dep_q audio codes for this step, codebook after codebook: [B, dep_q]."""
-        lm, p = self.lm, self.sampling
+        lm = self.lm
         cache = lm.init_depformer_state(text.shape[0])
         previous, codes = text, []
         for slot in range(lm.cfg.dep_q):
             logits = lm.depformer_logits(slot, z, previous[:, None], cache)
-            previous = sample_token(logits[:, 0], p.temp, p.top_k, p.use_sampling, self.generator)
+            previous = self._sample(logits[:, 0], state, text=False)
             codes.append(previous)
         return torch.stack(codes, dim=1)

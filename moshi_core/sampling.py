@@ -1,5 +1,6 @@
 """Token sampling: temperature, top-k, greedy; sync-free and reproducible with a generator."""
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ class SamplingParams:
         for name in ("top_k_text", "top_k"):
             if getattr(self, name) < 0:
                 raise InvalidParameterError(f"{name} must be >= 0 (0 keeps every token)")
+
+    def for_stream(self, text: bool) -> tuple[float, int]:
+        """(temperature, top-k) of the text stream or of the audio streams."""
+        return (self.temp_text, self.top_k_text) if text else (self.temp, self.top_k)
 
     @classmethod
     def greedy(cls) -> "SamplingParams":
@@ -58,3 +63,29 @@ def sample_token(
     if indices is not None:
         choice = indices.gather(-1, choice)
     return choice[..., 0]
+
+
+class SlotSampling:
+    """Sampling parameters and a random generator per batch row (one row per conversation).
+
+    Each row is sampled on its own, with its own generator, exactly as a batch of one with
+    that generator would be: a conversation's draws do not depend on who shares the batch,
+    so the same seed and input give the same conversation alone or among others.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device | str = "cpu") -> None:
+        self.params = [SamplingParams()] * batch_size
+        self.generators = [torch.Generator(device=device) for _ in range(batch_size)]
+
+    def configure(self, row: int, params: SamplingParams, seed: int | None = None) -> None:
+        """New parameters for a row, and its generator reseeded (a fresh random seed when None)."""
+        self.params[row] = params
+        self.generators[row].manual_seed(secrets.randbits(63) if seed is None else seed)
+
+    def sample(self, logits: torch.Tensor, text: bool) -> torch.Tensor:
+        """logits [B, V] -> [B]: one token per row with that row's parameters and generator."""
+        rows = [
+            sample_token(logits[i : i + 1], *p.for_stream(text), p.use_sampling, g)
+            for i, (p, g) in enumerate(zip(self.params, self.generators))
+        ]
+        return torch.cat(rows)

@@ -59,6 +59,22 @@ def test_sampling_is_reproducible_with_a_seed(pair):
     assert not torch.equal(run(7), run(8))
 
 
+def test_per_slot_sampling_draws_as_a_lone_slot_would(pair):
+    """Each slot with its own seed and parameters gives what a batch of one with that seed gives."""
+    ours, _, kwargs = pair
+    user = _user_codes(kwargs, steps=20)
+    hot = SamplingParams(temp=1.0, temp_text=1.0)
+    gen = LMGenerator(ours, SamplingParams.greedy())
+    state = gen.init_state(2, per_slot_sampling=True)
+    state.slots.configure(0, hot, seed=3)
+    state.slots.configure(1, SamplingParams(temp=1.0, temp_text=1.0, top_k=5), seed=4)
+    both = torch.stack([gen.step(user[t], state) for t in range(20)])
+    for slot, (params, seed) in enumerate([(hot, 3), (state.slots.params[1], 4)]):
+        alone = LMGenerator(ours, params, seed=seed)
+        lone = alone.init_state(1)
+        assert torch.equal(both[:, slot], torch.stack([alone.step(user[t, slot:slot + 1], lone)[0] for t in range(20)]))
+
+
 def test_reset_starts_a_new_conversation_in_one_slot(pair):
     ours, _, kwargs = pair
     user = _user_codes(kwargs, steps=30)

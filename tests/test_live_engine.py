@@ -1,0 +1,124 @@
+"""The batched live engine against lone sessions built by hand from Mimi and `LMGenerator`."""
+
+import numpy as np
+import pytest
+import torch
+
+from moshi_core.audio import load_audio
+from moshi_core.errors import InvalidParameterError, LiveBusyError
+from moshi_core.generate import LMGenerator
+from moshi_core.live import LiveEngine
+from moshi_core.models import load_moshi
+from moshi_core.sampling import SamplingParams
+from moshi_core.text import WORD_START
+
+STEPS = 10
+HOT = SamplingParams(temp=1.0, temp_text=1.0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_moshi):
+    return load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def speech(shared_audio) -> list[np.ndarray]:
+    """Two different user inputs of STEPS frames each."""
+    wav = load_audio(shared_audio / "en_question_24k.wav")[0].numpy()
+    frames = wav[: 2 * STEPS * 1920].reshape(2 * STEPS, 1920)
+    return [frames[:STEPS], frames[STEPS:]]
+
+
+def lone_session(models, frames, sampling: SamplingParams, seed: int) -> tuple[list[str], list[np.ndarray]]:
+    """One conversation alone, following Kyutai's server (reference 3.6): the first frame is
+    stepped and ignored, then Mimi starts afresh. Returns the text pieces and audio frames."""
+    mimi, lm, tokenizer = models.mimi, models.lm, models.tokenizer
+    gen = LMGenerator(lm, sampling, seed=seed)
+    state, codec = gen.init_state(1), mimi.init_state(1)
+    texts, audio = [], []
+    with torch.inference_mode():
+        for t, frame in enumerate(frames):
+            wav = torch.zeros(1, 1, 1920) if frame is None else torch.from_numpy(frame)[None, None]
+            out = gen.step(mimi.encode_step(wav, codec, 8), state)
+            token = int(out[0, 0])
+            piece = tokenizer.piece(token) if token not in (0, 3) else None
+            texts.append("" if piece is None else piece.replace(WORD_START, " "))
+            if t == 0:
+                codec.reset()
+            else:
+                audio.append(mimi.decode_step(out[:, 1:, None], codec)[0, 0].numpy())
+    return texts, audio
+
+
+def run(engine, inputs: dict[int, list]) -> dict[int, list]:
+    outputs = {slot: [] for slot in inputs}
+    for t in range(max(len(f) for f in inputs.values())):
+        step = engine.step({slot: frames[t] for slot, frames in inputs.items() if t < len(frames)})
+        for slot in inputs:
+            outputs[slot].append(step[slot])
+    return outputs
+
+
+def assert_same_conversation(frames, expected):
+    texts, audio = expected
+    assert [f.text for f in frames] == texts
+    assert frames[0].audio is None
+    got = np.stack([f.audio for f in frames[1:]])
+    np.testing.assert_allclose(got, np.stack(audio), atol=1e-4)
+
+
+def test_batched_slots_equal_lone_sessions(models, speech):
+    engine = LiveEngine(models, slots=3)
+    a = engine.open(HOT, seed=5)
+    b = engine.open(SamplingParams.greedy())
+    out = run(engine, {a: speech[0], b: speech[1]})  # the third slot stays free
+    hot = lone_session(models, speech[0], HOT, 5)
+    assert_same_conversation(out[a], hot)
+    assert_same_conversation(out[b], lone_session(models, speech[1], SamplingParams.greedy(), 0))
+    assert sum(1 for f in out[a] if f.text) > 2  # text comes out
+    assert np.abs(np.stack([f.audio for f in out[a][1:]])).max() > 1e-3  # and sound
+    # The same input with another seed gives another conversation.
+    assert [f.text for f in out[a]] != lone_session(models, speech[0], HOT, 6)[0]
+
+
+def test_one_more_than_the_slots_is_refused(models):
+    engine = LiveEngine(models, slots=2)
+    first, second = engine.open(), engine.open()
+    with pytest.raises(LiveBusyError, match="all 2 conversation slots are in use"):
+        engine.open()
+    engine.close(first)
+    assert engine.open() == first and engine.open_slots == [first, second]
+    with pytest.raises(InvalidParameterError):
+        LiveEngine(models, slots=0)
+
+
+def test_slots_join_and_leave_without_disturbing_each_other(models, speech):
+    """Slot 0 talks throughout; slot 1's caller leaves halfway and a new one takes the slot:
+    slot 0 sees nothing of it, and the newcomer starts clean (and missing frames are silence)."""
+    engine = LiveEngine(models, slots=2)
+    keep = engine.open(HOT, seed=1)
+    leaving = engine.open(HOT, seed=2)
+    half = STEPS // 2
+    kept, left = [], []
+    for t in range(half):
+        step = engine.step({keep: speech[0][t], leaving: speech[1][t]})
+        kept.append(step[keep])
+        left.append(step[leaving])
+    engine.close(leaving)
+    newcomer = engine.open(HOT, seed=3)
+    assert newcomer == leaving
+    new_input = [speech[1][t] if t % 3 else None for t in range(STEPS - half)]  # every third frame lost
+    joined = []
+    for t in range(half, STEPS):
+        step = engine.step({keep: speech[0][t], newcomer: new_input[t - half]})
+        kept.append(step[keep])
+        joined.append(step[newcomer])
+    assert_same_conversation(kept, lone_session(models, speech[0], HOT, 1))
+    assert_same_conversation(joined, lone_session(models, new_input, HOT, 3))
+
+
+def test_a_frame_of_the_wrong_size_is_refused(models):
+    engine = LiveEngine(models, slots=1)
+    slot = engine.open()
+    with pytest.raises(InvalidParameterError, match="1920 samples"):
+        engine.step({slot: np.zeros(960, np.float32)})
