@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # The reference implementation: a test oracle only, never a runtime dependency.
 REFERENCE ?= moshi==0.2.13
 
-.PHONY: run test bench setup setup-test clean
+.PHONY: run test bench setup setup-test system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,24 @@ $(VENV)/.test: $(VENV)/.base
 	tar -xzf .cache/reference/moshi-*.tar.gz -C .cache/reference --strip-components=1
 	touch $@
 
+# What the tests drive for real: Debian's chromium (web UI), espeak-ng and sox (speech),
+# redis-server (the API tests start their own on free ports; the default one is started if
+# the machine has none running). Installed with apt where missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+SYSTEM_TOOLS := chromium espeak-ng sox redis-server
+
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing with apt"; \
+		$(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$missing >/dev/null; }; \
+	fi
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+
 setup: $(VENV)/.base
-setup-test: $(VENV)/.test
+setup-test: $(VENV)/.test system-deps
 
 run: setup
 	$(PY) app.py

@@ -1,4 +1,8 @@
-"""REST batch API (FastAPI): routes that queue the `moshi_core` pipelines as jobs.
+"""The REST batch API (FastAPI): jobs for dialogue and the Mimi codec, run by `workers`.
 
-Not built yet: the codec, dialogue, transcription and TTS endpoints land with their issues.
+`create_api()` builds the app; `python -m api` serves it alone, `app.py` beside the web UI.
 """
+
+from .app import create_api
+
+__all__ = ["create_api"]

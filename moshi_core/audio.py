@@ -14,7 +14,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from moshi_core.errors import InvalidAudioError, InvalidParameterError
+from moshi_core.errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
 
 SAMPLE_RATE = 24000
 SUPPORTED_FORMATS = "wav, flac, ogg/opus, mp3"
@@ -33,21 +33,23 @@ _FFMPEG_SUBTYPES = frozenset({"OPUS"})
 _HEADER_DURATION_SLACK = 1.02
 
 
-def load_audio(source: AudioSource, *, max_seconds: float | None = None) -> torch.Tensor:
+def load_audio(source: AudioSource, *, max_seconds: float | None = None, label: str | None = None) -> torch.Tensor:
     """Decode `source` (a path, or a file's content as bytes) to float32 mono 24 kHz, shape [1, T].
 
+    `label` names the input in error messages (e.g. an uploaded file's name).
     Raises `InvalidAudioError` when the input is missing, empty, not audio, without samples,
     holds NaN/inf, or is longer than `max_seconds`.
     """
     if max_seconds is not None and not max_seconds > 0:
         raise InvalidParameterError(f"max_seconds must be positive, got {max_seconds}")
-    name = _describe(source)
+    name = label or _describe(source)
     if isinstance(source, bytes):
         if not source:
             raise InvalidAudioError(f"{name} is empty")
     else:
         _check_file(Path(source), name)
 
+    _check_wav_header(source, name, max_seconds)
     decoded = _decode_soundfile(source, name, max_seconds)
     samples, rate = decoded if decoded is not None else _decode_pyav(source, name, max_seconds)
 
@@ -75,10 +77,14 @@ def duration_seconds(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> float
     return wav.shape[-1] / sample_rate
 
 
-def wav_bytes(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Encode `wav` ([T], [1, T] or [C, T], float in [-1, 1]) as a 16-bit PCM WAV file in memory."""
+def wav_bytes(wav: torch.Tensor, sample_rate: int = SAMPLE_RATE, *, exact: bool = False) -> bytes:
+    """Encode `wav` ([T], [1, T] or [C, T], float in [-1, 1]) as a 16-bit PCM WAV file in memory.
+
+    `exact` writes 32-bit float samples instead, which read back bit for bit (and unclipped):
+    for intermediate files, such as a job's decoded input.
+    """
     buffer = io.BytesIO()
-    _write_wav_to(buffer, wav, sample_rate)
+    _write_wav_to(buffer, wav, sample_rate, exact)
     return buffer.getvalue()
 
 
@@ -124,8 +130,50 @@ def _check_file(path: Path, name: str) -> None:
         raise InvalidAudioError(f"audio file {name} is empty")
 
 
-def _too_long(name: str, seconds: float, max_seconds: float) -> InvalidAudioError:
-    return InvalidAudioError(f"{name} is {seconds:.1f} s long; the limit is {max_seconds:g} s")
+def _too_long(name: str, seconds: float, max_seconds: float) -> AudioTooLongError:
+    return AudioTooLongError(f"{name} is {seconds:.1f} s long; the limit is {max_seconds:g} s")
+
+
+def _check_wav_header(source: AudioSource, name: str, max_seconds: float | None) -> None:
+    """Refuse a WAV whose header announces more than the limit, or more than the file holds.
+
+    libsndfile and FFmpeg both read such a file as the few samples it really has, so a
+    3-hour header on a short file, or a transfer cut in half, would otherwise pass as a
+    shorter clip.
+    """
+    if isinstance(source, bytes):
+        head, size = source[:65536], len(source)
+    else:
+        with _open_binary(source, name) as f:
+            head, size = f.read(65536), os.fstat(f.fileno()).st_size
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    byte_rate, offset = 0, 12
+    while offset + 8 <= len(head):
+        chunk, length = head[offset : offset + 4], int.from_bytes(head[offset + 4 : offset + 8], "little")
+        body = offset + 8
+        if chunk == b"fmt " and body + 12 <= len(head):
+            byte_rate = int.from_bytes(head[body + 8 : body + 12], "little")
+        elif chunk == b"data":
+            # 0 and 0xFFFFFFFF are what streaming writers put when the length is not known yet.
+            if byte_rate <= 0 or length in (0, 0xFFFFFFFF):
+                return
+            declared, present = length / byte_rate, max(size - body, 0) / byte_rate
+            too_long = max_seconds is not None and declared > max_seconds * _HEADER_DURATION_SLACK
+            if present + 0.1 >= declared:
+                if too_long:
+                    raise _too_long(name, declared, max_seconds)
+            elif too_long:
+                raise AudioTooLongError(
+                    f"{name} announces {declared:.1f} s of audio in its header; the limit is {max_seconds:g} s"
+                )
+            else:
+                raise InvalidAudioError(
+                    f"{name} is truncated: its header announces {declared:.1f} s of audio but it holds "
+                    f"{present:.2f} s (was the upload or copy cut short?)"
+                )
+            return
+        offset = body + length + (length & 1)  # chunks are padded to an even size
 
 
 def _open_binary(source: AudioSource, name: str) -> BinaryIO:
@@ -196,7 +244,7 @@ def _decode_container(
                 total += chunk.shape[1]
             if max_seconds is not None and rate and total > max_seconds * rate:
                 # No usable header duration: stop at the limit rather than decode it all.
-                raise InvalidAudioError(
+                raise AudioTooLongError(
                     f"{name} is more than {max_seconds:g} s long; the limit is {max_seconds:g} s"
                 )
         for out in resampler.resample(None):
@@ -221,7 +269,7 @@ def _header_seconds(
     return None
 
 
-def _write_wav_to(target: BinaryIO, wav: torch.Tensor, sample_rate: int) -> None:
+def _write_wav_to(target: BinaryIO, wav: torch.Tensor, sample_rate: int, exact: bool = False) -> None:
     if sample_rate <= 0:
         raise InvalidParameterError(f"sample_rate must be positive, got {sample_rate}")
     if wav.dim() == 1:
@@ -233,5 +281,8 @@ def _write_wav_to(target: BinaryIO, wav: torch.Tensor, sample_rate: int) -> None
     data = wav.detach().to("cpu", torch.float32).numpy()
     if not np.isfinite(data).all():
         raise InvalidAudioError("cannot write audio that contains NaN or infinite samples")
+    if exact:
+        sf.write(target, data.T, sample_rate, format="WAV", subtype="FLOAT")
+        return
     pcm = np.round(np.clip(data, -1.0, 1.0) * 32767.0).astype(np.int16)
     sf.write(target, pcm.T, sample_rate, format="WAV", subtype="PCM_16")

@@ -14,6 +14,10 @@ class InvalidAudioError(MoshiError):
     """The audio input is empty, unreadable, not audio, or over a limit."""
 
 
+class AudioTooLongError(InvalidAudioError):
+    """The audio is longer than the limit set for the job (a server answers 413)."""
+
+
 class InvalidTokenFileError(MoshiError):
     """A Mimi token file is malformed, of an unknown version, or out of range."""
 

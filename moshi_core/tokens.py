@@ -95,9 +95,11 @@ def save_tokens(path: str | os.PathLike[str], tokens: MimiTokens) -> None:
     atomic_write_bytes(path, tokens_to_bytes(tokens))
 
 
-def load_tokens(source: TokenSource) -> MimiTokens:
-    """Read and validate a Mimi token file from a path or from its content as bytes."""
-    where = "token data" if isinstance(source, bytes) else f"token file '{os.fspath(source)}'"
+def load_tokens(source: TokenSource, label: str | None = None) -> MimiTokens:
+    """Read and validate a Mimi token file from a path or from its content as bytes.
+
+    `label` names the input in error messages (e.g. an uploaded file's name)."""
+    where = label or ("token data" if isinstance(source, bytes) else f"token file '{os.fspath(source)}'")
     data = source if isinstance(source, bytes) else _read_file(Path(source), where)
     if not data:
         raise InvalidTokenFileError(f"{where} is empty")

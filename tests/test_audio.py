@@ -14,7 +14,7 @@ import torch
 
 from moshi_core import audio
 from moshi_core.audio import SAMPLE_RATE, duration_seconds, load_audio, wav_bytes, write_wav
-from moshi_core.errors import InvalidAudioError, InvalidParameterError
+from moshi_core.errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
 
 MIMI_FRAME = 1920  # samples of one Mimi frame at 24 kHz: the tolerance for lossy codecs' delay
 
@@ -209,8 +209,25 @@ def test_truncated_wav(tmp_path: Path, shared_audio: Path) -> None:
         load_audio(cut_in_header)
     header_only = tmp_path / "header_only.wav"
     header_only.write_bytes(content[:44])
-    with pytest.raises(InvalidAudioError, match="contains no audio samples"):
+    with pytest.raises(InvalidAudioError, match="truncated: its header announces 6.9 s of audio but it holds 0.00 s"):
         load_audio(header_only)
+    cut_in_data = content[: len(content) // 3]
+    with pytest.raises(InvalidAudioError, match="truncated: its header announces 6.9 s of audio but it holds 2.30 s"):
+        load_audio(cut_in_data)
+    # A header that announces hours is refused before anything is decoded, as too long.
+    with pytest.raises(AudioTooLongError, match="announces 6.9 s of audio in its header; the limit is 5 s"):
+        load_audio(cut_in_data, max_seconds=5)
+    # Streaming writers leave the length unknown (0xFFFFFFFF): such a file is read as it is.
+    streamed = bytearray(content)
+    streamed[40:44] = b"\xff\xff\xff\xff"
+    assert load_audio(bytes(streamed)).shape[1] == 165666
+
+
+def test_header_without_samples(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    sf.write(str(path), np.zeros(0, dtype=np.float32), SAMPLE_RATE)
+    with pytest.raises(InvalidAudioError, match="contains no audio samples"):
+        load_audio(path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

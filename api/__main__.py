@@ -1,0 +1,34 @@
+"""Serve the REST API alone (no web UI): `python -m api [--host H] [--port P]`.
+
+With REDIS_URL set it only queues jobs for `celery -A workers worker` processes; without,
+it runs them itself on threads. `python app.py` serves the same API beside the web UI.
+"""
+
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from moshi_core.errors import MoshiError
+
+from .app import create_api
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m api", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                        help="interface to listen on; 0.0.0.0 for all (env HOST; default: %(default)s)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)),
+                        help="port (env PORT; default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app = create_api()
+    except MoshiError as exc:
+        parser.error(str(exc))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The API application: routes, error answers, upload limit, and the queue's lifetime."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from workers.errors import UploadTooLargeError
+from workers.jobs import JobStore
+from workers.queue import make_queue
+from workers.settings import Settings
+
+from .errors import error_response, install_error_handlers
+from .routes import router
+from .service import JobService
+
+log = logging.getLogger("moshi.api")
+
+DESCRIPTION = """Batch jobs on Kyutai's Moshi and its Mimi codec.
+
+Submit a file (`POST /v1/dialogue`, `/v1/codec/encode`, `/v1/codec/decode`): the answer is
+`202 Accepted` with the job and `Location: /v1/jobs/{id}`. Poll the job until its `state`
+is `succeeded`, then download `/v1/jobs/{id}/result` or a named artifact. Errors are JSON
+`{"error": {"code", "message"}}`. With API keys configured, send `Authorization: Bearer <key>`.
+"""
+
+
+class UploadLimit:
+    """Refuses a request body over the limit before it is read (413), whatever the route.
+
+    A declared Content-Length is checked up front; a chunked body is counted as it arrives.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self) -> str:
+        return f"the request is over this server's upload limit of {self.max_bytes / 2**20:g} MB"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, "too_large", self._message())(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise UploadTooLargeError(self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _purge_forever(store: JobStore, ttl: float) -> None:
+    while True:
+        try:
+            purged = await asyncio.to_thread(store.purge_expired, ttl)
+            if purged:
+                log.info("removed %d expired jobs", purged)
+        except OSError:
+            log.exception("could not purge expired jobs")
+        await asyncio.sleep(min(ttl / 4, 600))
+
+
+def create_api(settings: Settings | None = None, **fastapi_options) -> FastAPI:
+    """The REST API as an app of its own; the web app (app.py) adds the UI to it."""
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = JobStore(settings.storage_dir)
+        queue = make_queue(settings, store)
+        app.state.jobs = JobService(settings, store, queue)
+        purge = asyncio.create_task(_purge_forever(store, settings.job_ttl_seconds))
+        log.info("jobs in %s, queue: %s", settings.storage_dir, queue.name)
+        try:
+            yield
+        finally:
+            purge.cancel()
+            queue.close()
+
+    app = FastAPI(title="Moshi serving stack", description=DESCRIPTION, lifespan=lifespan, **fastapi_options)
+    install_error_handlers(app)
+    # Multipart framing adds a little to the file itself.
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
+    app.include_router(router)
+    return app

@@ -1,0 +1,188 @@
+"""The REST routes: thin, each one reads its input, calls the job service, shapes the answer."""
+
+import hmac
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from workers.errors import QueueUnavailableError, UploadTooLargeError
+from workers.jobs import Job, JobKind, owner_of
+
+from .errors import AuthenticationError, error_response
+from .metrics import render_metrics
+from .schemas import ErrorOut, JobOut, ModelOut, ModelsOut, content_type
+from .service import JobService
+
+ERRORS = {status: {"model": ErrorOut} for status in (401, 404, 409, 413, 422, 503)}
+router = APIRouter(responses=ERRORS)
+
+
+def service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The owner of the jobs this request may see: a digest of its API key ("" without keys)."""
+    keys = service(request).settings.api_keys
+    if not keys:
+        return ""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationError("this server needs an API key: send the header 'Authorization: Bearer <key>'")
+    key = key.strip()
+    if not any(hmac.compare_digest(key.encode(), known.encode()) for known in keys):
+        raise AuthenticationError("unknown API key")
+    return owner_of(key)
+
+
+Service = Annotated[JobService, Depends(service)]
+Caller = Annotated[str, Depends(caller)]
+IdempotencyKey = Annotated[str | None, Header(max_length=255, description="Retry safely: the same key and "
+                                              "request give the same job")]
+
+
+def _read(upload: UploadFile, limit: int) -> bytes:
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise UploadTooLargeError(f"{upload.filename!r} is over this server's upload limit of {limit / 2**20:g} MB")
+    return data
+
+
+def _accepted(jobs: JobService, job: Job, response: Response, replayed: bool) -> JobOut:
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Retry-After"] = "1"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.of(job, jobs.sizes(job))
+
+
+def _name(upload: UploadFile, default: str) -> str:
+    # Only the base name, for the download names of the artifacts.
+    return Path(upload.filename or default).name or default
+
+
+@router.post("/v1/dialogue", status_code=202, response_model=JobOut, tags=["jobs"],
+             summary="Moshi answers the user's side of a conversation from an audio file")
+def submit_dialogue(
+    jobs: Service, owner: Caller, response: Response,
+    file: Annotated[UploadFile, File(description="The user's speech: wav, flac, ogg/opus or mp3; any rate")],
+    model: Annotated[str | None, Form(description="A model of GET /v1/models (default: the first)")] = None,
+    seed: Annotated[int | None, Form(ge=0, lt=2**63, description="Fixes the sampling (default: random, "
+                                     "reported in the job)")] = None,
+    temp_text: Annotated[float | None, Form(ge=0, le=10, description="Text temperature (model default 0.7)")] = None,
+    top_k_text: Annotated[int | None, Form(ge=0, le=100_000)] = None,
+    temp_audio: Annotated[float | None, Form(ge=0, le=10, description="Audio temperature (model default 0.8)")] = None,
+    top_k_audio: Annotated[int | None, Form(ge=0, le=100_000)] = None,
+    greedy: Annotated[bool, Form(description="Always take the most likely token")] = False,
+    max_seconds: Annotated[float | None, Form(gt=0, description="Use only the first seconds of the file")] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    name = _name(file, "audio")
+    files = jobs.audio_input(_read(file, jobs.settings.max_upload_bytes), name, max_seconds)
+    asked = {"model": model, "seed": seed, "temp_text": temp_text, "top_k_text": top_k_text,
+             "temp_audio": temp_audio, "top_k_audio": top_k_audio, "greedy": greedy, "max_seconds": max_seconds}
+    submission = jobs.submit(JobKind.DIALOGUE, owner, jobs.dialogue_params(asked), files, name,
+                             idempotency_key, fingerprint_params=asked)
+    return _accepted(jobs, submission.job, response, submission.replayed)
+
+
+@router.post("/v1/codec/encode", status_code=202, response_model=JobOut, tags=["jobs"],
+             summary="Audio file -> Mimi tokens (a token file to download)")
+def submit_encode(
+    jobs: Service, owner: Caller, response: Response,
+    file: Annotated[UploadFile, File(description="Audio: wav, flac, ogg/opus or mp3; any rate and channels")],
+    num_codebooks: Annotated[int, Form(ge=1, le=32, description="8 is what Moshi uses; 32 sounds best")] = 8,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    name = _name(file, "audio")
+    files = jobs.audio_input(_read(file, jobs.settings.max_upload_bytes), name)
+    submission = jobs.submit(JobKind.ENCODE, owner, {"num_codebooks": num_codebooks}, files, name, idempotency_key)
+    return _accepted(jobs, submission.job, response, submission.replayed)
+
+
+@router.post("/v1/codec/decode", status_code=202, response_model=JobOut, tags=["jobs"],
+             summary="Mimi token file -> 24 kHz audio")
+def submit_decode(
+    jobs: Service, owner: Caller, response: Response,
+    file: Annotated[UploadFile, File(description="A token file made by /v1/codec/encode or `moshi-core encode`")],
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    name = _name(file, "tokens")
+    files = jobs.tokens_input(_read(file, jobs.settings.max_upload_bytes), name)
+    submission = jobs.submit(JobKind.DECODE, owner, {}, files, name, idempotency_key)
+    return _accepted(jobs, submission.job, response, submission.replayed)
+
+
+@router.get("/v1/jobs", response_model=list[JobOut], tags=["jobs"], summary="Your jobs, newest first")
+def list_jobs(jobs: Service, owner: Caller, limit: int = 100) -> list[JobOut]:
+    mine = sorted((j for j in jobs.store.all() if j.owner == owner), key=lambda j: j.created_at, reverse=True)
+    return [JobOut.of(j, jobs.sizes(j)) for j in mine[: max(limit, 0)]]
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], summary="State, progress, timings, errors")
+def get_job(job_id: str, jobs: Service, owner: Caller) -> JobOut:
+    job = jobs.store.get_for(job_id, owner)
+    return JobOut.of(job, jobs.sizes(job))
+
+
+def _download(job: Job, path: Path) -> FileResponse:
+    stem = Path(job.input_name).stem or job.kind.value
+    return FileResponse(path, media_type=content_type(path.name), filename=f"{stem}.{path.name}")
+
+
+@router.get("/v1/jobs/{job_id}/result", tags=["jobs"], response_class=FileResponse,
+            summary="The job's main file: Moshi's voice (dialogue), the token file (encode), the audio (decode)")
+def get_result(job_id: str, jobs: Service, owner: Caller) -> FileResponse:
+    return _download(*jobs.artifact_path(job_id, owner, None))
+
+
+@router.get("/v1/jobs/{job_id}/artifacts/{name}", tags=["jobs"], response_class=FileResponse,
+            summary="One named file of a finished job (audio.wav, stereo.wav, transcript.json, tokens.safetensors)")
+def get_artifact(job_id: str, name: str, jobs: Service, owner: Caller) -> FileResponse:
+    return _download(*jobs.artifact_path(job_id, owner, name))
+
+
+@router.delete("/v1/jobs/{job_id}", tags=["jobs"], responses={200: {"model": JobOut}, 204: {}},
+               summary="Cancel a queued or running job; delete a finished one and its files")
+def delete_job(job_id: str, jobs: Service, owner: Caller) -> Response:
+    job = jobs.cancel(job_id, owner)
+    if job is None:
+        return Response(status_code=204)
+    return Response(JobOut.of(job, {}).model_dump_json(), media_type="application/json")
+
+
+@router.get("/v1/models", response_model=ModelsOut, tags=["service"])
+def list_models(jobs: Service) -> ModelsOut:
+    s = jobs.settings
+    moshi = [ModelOut(id=m, kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE]) for m in s.models]
+    mimi = ModelOut(id=s.mimi, kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
+    return ModelsOut(models=[*moshi, mimi])
+
+
+@router.get("/healthz", tags=["service"], summary="The API process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["service"], summary="The queue and at least one worker answer")
+def readyz(jobs: Service):
+    try:
+        jobs.queue.check()
+        workers = jobs.queue.workers()
+    except QueueUnavailableError as exc:
+        return error_response(503, "queue_unavailable", str(exc), {"Retry-After": "5"})
+    if not workers:
+        return error_response(503, "no_workers", f"the queue ({jobs.queue.name}) answers but no worker does: "
+                              "start one with `celery -A workers worker` (see the README)")
+    return {"status": "ready", "queue": jobs.queue.name, "workers": workers, "pid": os.getpid(), "time": time.time()}
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["service"],
+            summary="Prometheus metrics: jobs by state, durations, queue depth")
+def metrics(jobs: Service) -> PlainTextResponse:
+    return PlainTextResponse(render_metrics(jobs), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,80 @@
+"""What the API answers, as pydantic models (they make the OpenAPI schema at /docs)."""
+
+from pydantic import BaseModel, Field
+
+from workers.jobs import CONTENT_TYPES, Job, JobKind, JobState
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_audio"])
+    message: str = Field(examples=["could not decode 'a.wav' as audio: supported formats are wav, flac, ogg/opus, mp3"])
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(examples=["audio.wav"])
+    url: str
+    content_type: str
+    bytes: int
+
+
+class Timings(BaseModel):
+    created_at: float = Field(description="Unix time the job was accepted")
+    started_at: float | None = Field(description="Unix time a worker first started it")
+    finished_at: float | None
+    queued_seconds: float | None = Field(description="from accepted to started")
+    run_seconds: float | None = Field(description="from started to finished")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: JobKind
+    state: JobState
+    progress: float = Field(ge=0, le=1)
+    timings: Timings
+    params: dict
+    attempts: int = Field(description="how many times a worker started it (more than 1: a worker died)")
+    error: ErrorDetail | None
+    artifacts: list[ArtifactOut]
+    url: str
+    result_url: str
+
+    @classmethod
+    def of(cls, job: Job, sizes: dict[str, int]) -> "JobOut":
+        base = f"/v1/jobs/{job.id}"
+        started, finished = job.started_at, job.finished_at
+        return cls(
+            id=job.id, kind=job.kind, state=job.state, progress=job.progress,
+            timings=Timings(
+                created_at=job.created_at, started_at=started, finished_at=finished,
+                queued_seconds=None if started is None else round(started - job.created_at, 3),
+                run_seconds=None if started is None or finished is None else round(finished - started, 3),
+            ),
+            params=job.params, attempts=job.attempts,
+            error=ErrorDetail(**job.error) if job.error else None,
+            artifacts=[
+                ArtifactOut(name=name, url=f"{base}/artifacts/{name}", bytes=sizes.get(name, 0),
+                            content_type=content_type(name))
+                for name in job.artifacts
+            ],
+            url=base, result_url=f"{base}/result",
+        )
+
+
+def content_type(name: str) -> str:
+    suffix = name[name.rfind("."):]
+    return CONTENT_TYPES.get(suffix, "application/octet-stream")
+
+
+class ModelOut(BaseModel):
+    id: str
+    kind: str = Field(examples=["moshi", "mimi"])
+    default: bool
+    jobs: list[JobKind]
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]

@@ -1,0 +1,130 @@
+"""The job service behind the routes: validate, store, queue, report.
+
+Inputs are checked completely here, in the API process, before anything is queued: audio
+is decoded (its content decides, not its name), token files are read and range-checked,
+parameters are bounded. A worker is then only ever given input it can process.
+"""
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from moshi_core.audio import SAMPLE_RATE, load_audio, wav_bytes
+from moshi_core.errors import InvalidTokenFileError
+from moshi_core.tokens import load_tokens
+from workers.errors import JobNotReadyError
+from workers.jobs import PRIMARY_ARTIFACT, Job, JobKind, JobState, JobStore, new_job_id
+from workers.models import check_model
+from workers.pipelines import AUDIO_INPUT, TOKENS_INPUT
+from workers.queue import JobQueue
+from workers.settings import Settings
+
+
+@dataclass
+class Submission:
+    job: Job
+    replayed: bool  # an Idempotency-Key retry: the job an earlier identical request made
+
+
+class JobService:
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue) -> None:
+        self.settings, self.store, self.queue = settings, store, queue
+
+    # Inputs.
+
+    def audio_input(self, data: bytes, name: str, max_seconds: float | None = None) -> dict[str, bytes]:
+        """Decode an upload (refused beyond the server's limit) and keep at most its first `max_seconds`."""
+        wav = load_audio(data, max_seconds=self.settings.max_audio_seconds, label=f"the uploaded file {name!r}")
+        if max_seconds is not None:
+            wav = wav[:, : int(max_seconds * SAMPLE_RATE)]
+        return {AUDIO_INPUT: wav_bytes(wav, exact=True)}
+
+    def tokens_input(self, data: bytes, name: str) -> dict[str, bytes]:
+        tokens = load_tokens(data, label=f"the uploaded token file {name!r}")
+        if tokens.batch_size != 1:
+            raise InvalidTokenFileError(
+                f"the token file holds {tokens.batch_size} items; a job decodes one: "
+                "encode files one at a time, or decode a batch with `moshi-core decode`"
+            )
+        seconds = tokens.num_samples[0] / SAMPLE_RATE
+        if seconds > self.settings.max_audio_seconds:
+            raise InvalidTokenFileError(
+                f"the token file decodes to {seconds:.1f} s of audio; this server's limit is "
+                f"{self.settings.max_audio_seconds:g} s"
+            )
+        return {TOKENS_INPUT: data}
+
+    def dialogue_params(self, params: dict) -> dict:
+        params = dict(params, model=check_model(self.settings, params.get("model")))
+        if params.get("seed") is None:
+            # Chosen now and kept, so the job is reproducible and a redelivered job gives the same answer.
+            params["seed"] = secrets.randbelow(2**31)
+        return params
+
+    # Jobs.
+
+    def submit(
+        self, kind: JobKind, owner: str, params: dict, files: dict[str, bytes], input_name: str,
+        idempotency_key: str | None = None, fingerprint_params: dict | None = None,
+    ) -> Submission:
+        job = Job(id=new_job_id(), kind=kind, owner=owner, params=params, input_name=input_name)
+        if idempotency_key:
+            fingerprint = _fingerprint(kind, fingerprint_params or params, files)
+            earlier = self.store.claim_key(owner, idempotency_key, fingerprint, job.id)
+            if earlier is not None:
+                return Submission(self.store.get_for(earlier, owner), replayed=True)
+        try:
+            self.queue.check()
+            self.store.create(job, files)
+            try:
+                self.queue.submit(job)
+            except BaseException:
+                self.store.delete(job.id)  # never leave a job that no worker will ever see
+                raise
+        except BaseException:
+            if idempotency_key:
+                self.store.release_key(owner, idempotency_key)
+            raise
+        return Submission(job, replayed=False)
+
+    def cancel(self, job_id: str, owner: str) -> Job | None:
+        """Cancel a queued or running job; delete a finished one (None)."""
+        job = self.store.get_for(job_id, owner)
+        if job.state.finished:
+            self.store.delete(job_id)
+            return None
+        with self.store.update(job_id) as job:
+            job.cancel_requested = True
+            if job.state is JobState.QUEUED:  # a worker that picks it up later will skip it
+                job.state, job.finished_at = JobState.CANCELLED, time.time()
+        return job
+
+    def artifact_path(self, job_id: str, owner: str, name: str | None):
+        """The file of a finished job's artifact (its main one when `name` is None)."""
+        job = self.store.get_for(job_id, owner)
+        if job.state is not JobState.SUCCEEDED:
+            what = {
+                JobState.QUEUED: "is queued",
+                JobState.RUNNING: f"is running ({job.progress:.0%} done)",
+                JobState.FAILED: f"failed: {job.error['message'] if job.error else 'unknown error'}",
+                JobState.CANCELLED: "was cancelled",
+            }[job.state]
+            hint = f"; poll GET /v1/jobs/{job.id} until its state is succeeded" if not job.state.finished else ""
+            raise JobNotReadyError(f"job {job.id} {what}: it has no result{hint}")
+        name = name or PRIMARY_ARTIFACT[job.kind]
+        if name not in job.artifacts:
+            raise JobNotReadyError(f"job {job.id} has no artifact {name!r}; it has {', '.join(job.artifacts)}")
+        return job, self.store.folder(job.id) / name
+
+    def sizes(self, job: Job) -> dict[str, int]:
+        folder = self.store.folder(job.id)
+        return {name: (folder / name).stat().st_size for name in job.artifacts if (folder / name).exists()}
+
+
+def _fingerprint(kind: JobKind, params: dict, files: dict[str, bytes]) -> str:
+    digest = hashlib.sha256(json.dumps([kind.value, params], sort_keys=True).encode())
+    for name in sorted(files):
+        digest.update(name.encode() + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()

@@ -1,0 +1,31 @@
+"""Errors of the job machinery; `api/errors.py` maps them (and the core's) to HTTP codes."""
+
+from moshi_core.errors import MoshiError
+
+
+class JobNotFoundError(MoshiError):
+    """No such job for this caller (never made, someone else's, or expired)."""
+
+
+class JobNotReadyError(MoshiError):
+    """The job has no result yet, failed, or was cancelled."""
+
+
+class JobCancelledError(MoshiError):
+    """Raised inside a running job when a cancellation was asked for."""
+
+
+class QueueUnavailableError(MoshiError):
+    """The broker (Redis) cannot be reached: nothing can be queued now."""
+
+
+class IdempotencyConflictError(MoshiError):
+    """An Idempotency-Key reused for a different request."""
+
+
+class UnknownModelError(MoshiError):
+    """A job names a model this server does not serve."""
+
+
+class UploadTooLargeError(MoshiError):
+    """An upload over the size limit."""

@@ -1,0 +1,197 @@
+"""Job records and their files, in a storage directory shared by the API and the workers.
+
+A job is a folder `<storage>/jobs/<id>/` holding `job.json` (the record), the validated
+input and, once done, its artifacts. Audio never travels through the broker: a queued
+message is only a job id. Every write is atomic (write a temporary file, then rename), and
+read-modify-write cycles hold a per-job file lock, so the API cancelling a job and a worker
+reporting progress never lose each other's changes.
+"""
+
+import enum
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moshi_core.audio import atomic_write_bytes
+
+from .errors import IdempotencyConflictError, JobNotFoundError
+
+
+class JobKind(str, enum.Enum):
+    DIALOGUE = "dialogue"
+    ENCODE = "encode"
+    DECODE = "decode"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# The file each kind answers `GET /v1/jobs/{id}/result` with, and the content type of each artifact.
+PRIMARY_ARTIFACT = {JobKind.DIALOGUE: "audio.wav", JobKind.ENCODE: "tokens.safetensors", JobKind.DECODE: "audio.wav"}
+CONTENT_TYPES = {".wav": "audio/wav", ".json": "application/json", ".safetensors": "application/octet-stream"}
+
+
+@dataclass
+class Job:
+    id: str
+    kind: JobKind
+    owner: str  # a digest of the API key that made it ("" without keys); never the key itself
+    params: dict[str, Any]
+    input_name: str  # the uploaded file's name, for the artifacts' download names
+    state: JobState = JobState.QUEUED
+    progress: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: dict[str, str] | None = None  # {"code": ..., "message": ...}
+    artifacts: list[str] = field(default_factory=list)
+    attempts: int = 0  # deliveries to a worker, counted when one starts it
+    worker: str | None = None  # host:pid of the worker running or that ran it
+    cancel_requested: bool = False
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["kind"], data["state"] = self.kind.value, self.state.value
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        job = cls(**{k: v for k, v in data.items() if k in known})
+        job.kind, job.state = JobKind(job.kind), JobState(job.state)
+        return job
+
+
+def new_job_id() -> str:
+    """128 random bits, URL-safe: ids cannot be guessed or enumerated."""
+    return secrets.token_urlsafe(16)
+
+
+def owner_of(api_key: str | None) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
+
+
+class JobStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.jobs_dir = self.root / "jobs"
+        self.keys_dir = self.root / "idempotency"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, job_id: str) -> Path:
+        # Ids come from URLs: only our own alphabet may reach the filesystem.
+        if not job_id or not all(c.isalnum() or c in "-_" for c in job_id) or len(job_id) > 64:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        return self.jobs_dir / job_id
+
+    def create(self, job: Job, files: dict[str, bytes]) -> None:
+        """Write the job's input files and then its record: a job is visible only when whole."""
+        folder = self.folder(job.id)
+        folder.mkdir(parents=True)
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data)
+        atomic_write_bytes(folder / "job.json", job.to_json().encode())
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return Job.from_json((self.folder(job_id) / "job.json").read_text())
+        except FileNotFoundError:
+            raise JobNotFoundError(
+                f"no job {job_id!r}: it never existed, or it finished more than the retention time ago"
+            ) from None
+
+    def get_for(self, job_id: str, owner: str) -> Job:
+        """The job if `owner` made it; someone else's job is reported as absent, not forbidden."""
+        job = self.get(job_id)
+        if job.owner != owner:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        return job
+
+    @contextmanager
+    def update(self, job_id: str) -> Iterator[Job]:
+        """Read, let the caller change, and write back a job under its lock."""
+        folder = self.folder(job_id)
+        try:
+            lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            raise JobNotFoundError(f"no job {job_id!r}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            job = self.get(job_id)
+            yield job
+            atomic_write_bytes(folder / "job.json", job.to_json().encode())
+        finally:
+            os.close(lock)
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(self.folder(job_id), ignore_errors=True)
+
+    def all(self) -> Iterator[Job]:
+        for folder in self.jobs_dir.iterdir():
+            try:
+                yield self.get(folder.name)
+            except (JobNotFoundError, ValueError, TypeError, json.JSONDecodeError):
+                continue  # being created or deleted right now, or not ours
+
+    def purge_expired(self, ttl_seconds: float, now: float | None = None) -> int:
+        """Delete finished jobs (and idempotency keys) older than `ttl_seconds`; returns how many jobs."""
+        now = time.time() if now is None else now
+        purged = 0
+        for job in list(self.all()):
+            if job.state.finished and (job.finished_at or job.created_at) + ttl_seconds < now:
+                self.delete(job.id)
+                purged += 1
+        for key in self.keys_dir.iterdir():
+            try:
+                if key.stat().st_mtime + ttl_seconds < now:
+                    key.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+        return purged
+
+    # Idempotency-Key: (owner, key) -> the job a first request made, and a fingerprint of
+    # that request, so that a retry gets the same job and a different request is refused.
+
+    def _key_path(self, owner: str, key: str) -> Path:
+        return self.keys_dir / hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+
+    def claim_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> str | None:
+        """Bind `key` to `job_id`; or return the job an identical earlier request made."""
+        path = self._key_path(owner, key)
+        claim = path.with_name(f".{path.name}.{job_id}")
+        claim.write_text(json.dumps({"job_id": job_id, "fingerprint": fingerprint}))
+        try:
+            os.link(claim, path)  # atomic, and refused if the key is taken: readers never see half a record
+        except FileExistsError:
+            earlier = json.loads(path.read_text())
+            if earlier["fingerprint"] != fingerprint:
+                raise IdempotencyConflictError(
+                    "this Idempotency-Key was already used for a different request: use a new key"
+                ) from None
+            return earlier["job_id"]
+        finally:
+            claim.unlink(missing_ok=True)
+        return None
+
+    def release_key(self, owner: str, key: str) -> None:
+        self._key_path(owner, key).unlink(missing_ok=True)

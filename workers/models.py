@@ -1,0 +1,51 @@
+"""Models loaded once per worker process and shared by every job it runs.
+
+Loading is lazy: the first job that needs a model loads it. That keeps a prefork parent
+from ever touching CUDA (a CUDA context does not survive a fork) and keeps Celery's
+process start-up short (its pool kills children that take more than a few seconds to boot).
+"""
+
+import threading
+
+from moshi_core.checkpoints import load_mimi
+from moshi_core.codec import resolve_device
+from moshi_core.mimi import MimiModel
+from moshi_core.models import MoshiModels, load_moshi, parse_dtype
+
+from .errors import UnknownModelError
+from .settings import Settings
+
+
+def check_model(settings: Settings, model: str | None) -> str:
+    """The Moshi model a job will use: the one it names, if this server serves it."""
+    if model is None or model == "":
+        return settings.default_model
+    if model not in settings.models:
+        served = ", ".join(settings.models)
+        raise UnknownModelError(
+            f"unknown model {model!r}: this server serves {served} (an operator adds more with MOSHI_MODELS)"
+        )
+    return model
+
+
+class ModelCache:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._mimi: MimiModel | None = None
+        self._moshi: dict[str, MoshiModels] = {}
+
+    def mimi(self) -> MimiModel:
+        with self._lock:
+            if self._mimi is None:
+                self._mimi = load_mimi(self.settings.mimi, device=resolve_device(self.settings.device))
+            return self._mimi
+
+    def moshi(self, model: str) -> MoshiModels:
+        model = check_model(self.settings, model)
+        with self._lock:
+            if model not in self._moshi:
+                self._moshi[model] = load_moshi(
+                    model, device=resolve_device(self.settings.device), dtype=parse_dtype(self.settings.dtype)
+                )
+            return self._moshi[model]

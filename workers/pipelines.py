@@ -1,0 +1,67 @@
+"""One function per job kind: a job's folder in, its artifacts out.
+
+Each calls the same core pipeline as the CLI and the web app (`moshi_core.codec`,
+`moshi_core.dialogue`); inputs were validated by the API before the job was queued, and
+every artifact is written atomically, so a job that runs twice (redelivered after a
+worker died) leaves one complete set of files.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from moshi_core.audio import atomic_write_bytes, load_audio, write_wav
+from moshi_core.codec import decode_tokens, encode_audio
+from moshi_core.dialogue import run_dialogue
+from moshi_core.sampling import SamplingParams
+from moshi_core.tokens import MimiTokens, load_tokens, save_tokens
+
+from .jobs import Job, JobKind
+from .models import ModelCache
+
+Progress = Callable[[int, int], None]
+Pipeline = Callable[[Job, Path, ModelCache, Progress], list[str]]
+
+AUDIO_INPUT = "input.wav"  # the upload, decoded to 24 kHz mono float32 by the API
+TOKENS_INPUT = "input.safetensors"  # a token file the API has read and checked
+
+
+def encode(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
+    wav = load_audio(folder / AUDIO_INPUT)
+    tokens = encode_audio(models.mimi(), wav, num_codebooks=job.params["num_codebooks"], progress=progress)
+    save_tokens(folder / "tokens.safetensors", tokens)
+    return ["tokens.safetensors"]
+
+
+def decode(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
+    (wav,) = decode_tokens(models.mimi(), load_tokens(folder / TOKENS_INPUT), progress=progress)
+    write_wav(folder / "audio.wav", wav)
+    return ["audio.wav"]
+
+
+def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
+    p = job.params
+    moshi = models.moshi(p["model"])
+    defaults = SamplingParams.from_config(moshi.generation_defaults)
+    sampling = SamplingParams(
+        temp_text=_given(p["temp_text"], defaults.temp_text),
+        top_k_text=_given(p["top_k_text"], defaults.top_k_text),
+        temp=_given(p["temp_audio"], defaults.temp),
+        top_k=_given(p["top_k_audio"], defaults.top_k),
+        use_sampling=not p["greedy"],
+    )
+    result = run_dialogue(moshi, load_audio(folder / AUDIO_INPUT), sampling=sampling, seed=p["seed"], progress=progress)
+    write_wav(folder / "audio.wav", result.audio)
+    write_wav(folder / "stereo.wav", result.stereo)
+    transcript = {**result.transcript(), "model": moshi.source, "seed": p["seed"]}
+    atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
+    codes = MimiTokens(codes=result.tokens[1:], num_samples=[result.audio.shape[-1]], codec=moshi.mimi.checkpoint_id)
+    save_tokens(folder / "tokens.safetensors", codes)
+    return ["audio.wav", "stereo.wav", "transcript.json", "tokens.safetensors"]
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+PIPELINES: dict[JobKind, Pipeline] = {JobKind.ENCODE: encode, JobKind.DECODE: decode, JobKind.DIALOGUE: dialogue}
