@@ -21,6 +21,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from api.chat import create_chat_router
 from moshi_core.audio import load_audio, write_wav
 from moshi_core.checkpoints import load_mimi
 from moshi_core.cli import MODEL_SOURCE_HELP
@@ -28,12 +29,16 @@ from moshi_core.codec import decode_tokens, encode_audio, resolve_device
 from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
 from moshi_core.hub import DEFAULT_MIMI_SOURCE
+from moshi_core.live import LiveEngine
+from moshi_core.live_driver import LiveDriver
 from moshi_core.mimi import MimiModel
 from moshi_core.models import DEFAULT_LM_SOURCE, MoshiModels, load_moshi, parse_dtype
 from moshi_core.sampling import SamplingParams
 from moshi_core.tokens import save_tokens
 
 MAX_AUDIO_SECONDS = float(os.environ.get("MOSHI_MAX_AUDIO_SECONDS", 600))
+# The live tab is our own client (api/static/live.js, a <moshi-live> element) over /api/chat.
+LIVE_CLIENT_HEAD = '<script src="/api/chat/static/live.js"></script>'
 T = TypeVar("T")
 
 
@@ -105,9 +110,13 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
     with gr.Blocks(title="Moshi serving stack") as ui:
         gr.Markdown(
             "# Moshi\n"
-            "Kyutai's full-duplex speech model and its Mimi codec. Live conversation in the "
-            "browser arrives on this page next; today: a dialogue from a file, and the codec."
+            "Kyutai's full-duplex speech model and its Mimi codec: talk with Moshi live, "
+            "let it answer a recording, or run the codec."
         )
+        with gr.Tab("Live conversation"):
+            gr.Markdown("Press *Start talking*, allow the microphone, and speak: Moshi listens and "
+                        "answers at the same time. Headphones keep its voice out of your microphone.")
+            gr.HTML("<moshi-live></moshi-live>", head=LIVE_CLIENT_HEAD, js_on_load=None)
         with gr.Tab("Dialogue from a file"):
             user_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="What the user says")
             with gr.Row():
@@ -138,8 +147,10 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
 
 def create_app(
     model: str = DEFAULT_LM_SOURCE, mimi_source: str = DEFAULT_MIMI_SOURCE, device: str = "auto",
-    dtype: str = "bfloat16",
+    dtype: str = "bfloat16", live_slots: int = 0, live_max_seconds: float = 300,
 ) -> FastAPI:
+    """`live_slots`: concurrent live conversations (0: 4 on a GPU, 1 on the CPU, which is
+    already short of real time with one); `live_max_seconds`: the length of one."""
     app = FastAPI(title="Moshi serving stack")
 
     @app.get("/healthz")
@@ -148,6 +159,13 @@ def create_app(
 
     mimi = Lazy(lambda: load_mimi(mimi_source, device=resolve_device(device)))
     moshi = Lazy(lambda: load_moshi(model, device=resolve_device(device), dtype=parse_dtype(dtype)))
+
+    def live_engine() -> LiveEngine:
+        models = moshi.get()
+        return LiveEngine(models, slots=live_slots or (4 if models.lm.device.type == "cuda" else 1))
+
+    live = LiveDriver(live_engine)
+    app.include_router(create_chat_router(live, max_seconds=live_max_seconds))
     return gr.mount_gradio_app(app, build_ui(mimi, moshi), path="/")
 
 
@@ -166,10 +184,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="interface to listen on; 0.0.0.0 for all (env HOST; default: %(default)s)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)),
                         help="port to listen on (env PORT; default: %(default)s)")
+    parser.add_argument("--live-slots", type=int, default=int(os.environ.get("MOSHI_LIVE_SLOTS", 0)),
+                        help="live conversations at once, stepped as one batch; 0: 4 on a GPU, 1 on the CPU "
+                             "(env MOSHI_LIVE_SLOTS; default: %(default)s)")
+    parser.add_argument("--live-max-seconds", type=float, default=float(os.environ.get("MOSHI_LIVE_MAX_SECONDS", 300)),
+                        help="length limit of one live conversation (env MOSHI_LIVE_MAX_SECONDS; default: %(default)s)")
     args = parser.parse_args(argv)
     print(f"Moshi app on http://{args.host}:{args.port} (Moshi from {args.model}, Mimi from {args.mimi}; "
           "models load on first use)")
-    app = create_app(args.model, args.mimi, args.device, args.dtype)
+    app = create_app(args.model, args.mimi, args.device, args.dtype, args.live_slots, args.live_max_seconds)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

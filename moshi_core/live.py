@@ -6,6 +6,7 @@ encode -> LM step -> Mimi decode for all slots in one batch. Free slots ride alo
 silence: a fixed batch keeps the state's shapes static, and a step costs about the same for
 one row or a few (it is bound by reading the weights). A conversation's slot is reset (LM,
 Mimi, its sampling generator) on its first step, so nothing of the previous caller remains.
+A conversation starts with its first frame: until then its slot idles with the free ones.
 
 First frame, as Kyutai's server does (reference 3.6): the LM ignores the user codes of a
 conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
@@ -84,17 +85,20 @@ class LiveEngine:
 
     def step(self, frames: Mapping[int, np.ndarray | None]) -> dict[int, LiveFrame]:
         """One step of every open conversation: `frames[slot]` is its user's next 1920 samples
-        (float32, 24 kHz; missing or None is silence). Returns each open slot's `LiveFrame`."""
+        (float32, 24 kHz; missing or None is silence, or no start yet). Returns the `LiveFrame`
+        of each conversation that has started."""
         mimi, lm = self.models.mimi, self.models.lm
         wav = torch.zeros(self.num_slots, 1, self.frame_size)
         joining = [False] * self.num_slots
         for slot in self.open_slots:
             frame = frames.get(slot)
+            conversation = self._slots[slot]
+            if conversation.steps == 0 and frame is None:
+                continue
             if frame is not None:
                 if frame.shape != (self.frame_size,):
                     raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {frame.shape}")
                 wav[slot, 0] = torch.from_numpy(np.asarray(frame, dtype=np.float32))
-            conversation = self._slots[slot]
             if conversation.steps == 0:
                 joining[slot] = True
                 self._lm_state.slots.configure(slot, conversation.sampling, conversation.seed)
@@ -114,6 +118,8 @@ class LiveEngine:
         results = {}
         for slot in self.open_slots:
             conversation = self._slots[slot]
+            if conversation.steps == 0 and not joining[slot]:
+                continue  # not started
             first = conversation.steps == 0
             conversation.steps += 1
             results[slot] = LiveFrame(audio=None if first else pcm[slot], text=self._piece(text_tokens[slot]))

@@ -71,6 +71,7 @@ def test_batched_slots_equal_lone_sessions(models, speech):
     engine = LiveEngine(models, slots=3)
     a = engine.open(HOT, seed=5)
     b = engine.open(SamplingParams.greedy())
+    assert engine.step({}) == {}  # a conversation starts with its first frame
     out = run(engine, {a: speech[0], b: speech[1]})  # the third slot stays free
     hot = lone_session(models, speech[0], HOT, 5)
     assert_same_conversation(out[a], hot)
@@ -107,7 +108,7 @@ def test_slots_join_and_leave_without_disturbing_each_other(models, speech):
     engine.close(leaving)
     newcomer = engine.open(HOT, seed=3)
     assert newcomer == leaving
-    new_input = [speech[1][t] if t % 3 else None for t in range(STEPS - half)]  # every third frame lost
+    new_input = [None if t % 3 == 1 else speech[1][t] for t in range(STEPS - half)]  # frames lost
     joined = []
     for t in range(half, STEPS):
         step = engine.step({keep: speech[0][t], newcomer: new_input[t - half]})
