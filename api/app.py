@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.errors import UploadTooLargeError
 from workers.jobs import JobStore
+from workers.models import ModelCache
 from workers.queue import make_queue
 from workers.settings import Settings
 
@@ -70,14 +71,18 @@ async def _purge_forever(store: JobStore, ttl: float) -> None:
         await asyncio.sleep(min(ttl / 4, 600))
 
 
-def create_api(settings: Settings | None = None, **fastapi_options) -> FastAPI:
-    """The REST API as an app of its own; the web app (app.py) adds the UI to it."""
+def create_api(settings: Settings | None = None, models: ModelCache | None = None, **fastapi_options) -> FastAPI:
+    """The REST API as an app of its own; the web app (app.py) adds the UI to it.
+
+    `models`: the process's loaded models, shared with the in-process queue (no REDIS_URL)
+    so that a job and the web UI never load a model twice.
+    """
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = JobStore(settings.storage_dir)
-        queue = make_queue(settings, store)
+        queue = make_queue(settings, store, models)
         app.state.jobs = JobService(settings, store, queue)
         purge = asyncio.create_task(_purge_forever(store, settings.job_ttl_seconds))
         log.info("jobs in %s, queue: %s", settings.storage_dir, queue.name)

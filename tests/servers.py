@@ -30,6 +30,15 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
         time.sleep(interval)
 
 
+def compose_redis_args() -> list[str]:
+    """The redis-server arguments of our compose file: the tests run Redis exactly as it does."""
+    import yaml
+
+    command = yaml.safe_load((REPO_DIR / "compose.yaml").read_text())["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    return command[1:]
+
+
 class Redis:
     """A redis-server of the test's own, with the persistence settings of our compose file."""
 
@@ -43,8 +52,8 @@ class Redis:
 
     def start(self) -> "Redis":
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            ["redis-server", *compose_redis_args(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.folder)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, 20, "redis-server to start")

@@ -45,9 +45,8 @@ class JobQueue(Protocol):
 class LocalQueue:
     name = "in-process"
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
-        self.store = store
-        self.models = ModelCache(settings)
+    def __init__(self, store: JobStore, models: ModelCache) -> None:
+        self.store, self.models = store, models
         self._queues = {name: queue.Queue() for name in (HEAVY_QUEUE, LIGHT_QUEUE)}
         self._threads = [
             threading.Thread(target=self._work, args=(q,), name=f"worker {name}", daemon=True)
@@ -141,5 +140,8 @@ class CeleryQueue:
         self.redis.close()
 
 
-def make_queue(settings: Settings, store: JobStore) -> JobQueue:
-    return CeleryQueue(settings) if settings.redis_url else LocalQueue(settings, store)
+def make_queue(settings: Settings, store: JobStore, models: ModelCache | None = None) -> JobQueue:
+    """Celery when REDIS_URL is set; else threads sharing `models` with the rest of the process."""
+    if settings.redis_url:
+        return CeleryQueue(settings)
+    return LocalQueue(store, models or ModelCache(settings))
