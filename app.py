@@ -3,59 +3,41 @@
     python app.py [--model SOURCE] [--mimi SOURCE] [--device auto|cpu|cuda] [--dtype bfloat16]
                   [--host 127.0.0.1] [--port 7860]
 
-Today it serves dialogue from a file and the Mimi codec jobs (audio -> token file -> audio).
-The live conversation tab and the REST API mount on this same server as they land. Models
-load on first use, so the page comes up even before the weights are downloaded.
+One server: the web UI (live conversation, dialogue from a file, the Mimi codec), the
+websocket `/api/chat` (Kyutai's protocol) and the REST job API under `/v1` (`/docs`). Without
+REDIS_URL the API's jobs run in this process, on the models the UI uses. Models load on
+first use, so the page comes up even before the weights are downloaded.
 """
 
 import argparse
+import dataclasses
 import os
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import gradio as gr
 import torch
 import uvicorn
 from fastapi import FastAPI
 
+from api import create_api
 from api.chat import create_chat_router
 from moshi_core.audio import load_audio, write_wav
-from moshi_core.checkpoints import load_mimi
 from moshi_core.cli import MODEL_SOURCE_HELP
-from moshi_core.codec import decode_tokens, encode_audio, resolve_device
+from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
 from moshi_core.hub import DEFAULT_MIMI_SOURCE
 from moshi_core.live import LiveEngine
 from moshi_core.live_driver import LiveDriver
-from moshi_core.mimi import MimiModel
-from moshi_core.models import DEFAULT_LM_SOURCE, MoshiModels, load_moshi, parse_dtype
+from moshi_core.models import DEFAULT_LM_SOURCE
 from moshi_core.sampling import SamplingParams
 from moshi_core.tokens import save_tokens
+from workers.models import ModelCache
+from workers.settings import Settings
 
-MAX_AUDIO_SECONDS = float(os.environ.get("MOSHI_MAX_AUDIO_SECONDS", 600))
 # The live tab is our own client (api/static/live.js, a <moshi-live> element) over /api/chat.
 LIVE_CLIENT_HEAD = '<script src="/api/chat/static/live.js"></script>'
-T = TypeVar("T")
-
-
-class Lazy(Generic[T]):
-    """Loads a model once, on first use, from one thread at a time."""
-
-    def __init__(self, load: Callable[[], T]) -> None:
-        self._load = load
-        self._value: T | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> T:
-        with self._lock:
-            if self._value is None:
-                self._value = self._load()
-            return self._value
-
 
 def _progress_callback(progress: gr.Progress, label: str):
     return lambda done, total: progress(done / max(total, 1), desc=f"{label} {done}/{total} frames")
@@ -65,16 +47,18 @@ def _out_path(stem: str, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moshi-")) / f"{stem}{suffix}"
 
 
-def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
+def build_ui(models: ModelCache) -> gr.Blocks:
+    settings = models.settings
+
     def dialogue(audio_path: str | None, seed: float | None, temp_text: float, temp_audio: float, greedy: bool,
                  progress=gr.Progress()):
         if not audio_path:
             raise gr.Error("Upload or record what the user says first.")
         try:
-            wav = load_audio(audio_path, max_seconds=MAX_AUDIO_SECONDS)
+            wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
             sampling = SamplingParams(temp_text=temp_text, temp=temp_audio, use_sampling=not greedy)
             fixed_seed = None if seed is None or seed < 0 else int(seed)
-            result = run_dialogue(moshi.get(), wav, sampling=sampling, seed=fixed_seed,
+            result = run_dialogue(models.moshi(settings.default_model), wav, sampling=sampling, seed=fixed_seed,
                                   progress=_progress_callback(progress, "dialogue"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
@@ -87,8 +71,8 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
         if not audio_path:
             raise gr.Error("Upload or record some audio first.")
         try:
-            wav = load_audio(audio_path, max_seconds=MAX_AUDIO_SECONDS)
-            tokens = encode_audio(mimi.get(), wav, num_codebooks=int(num_codebooks),
+            wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
+            tokens = encode_audio(models.mimi(), wav, num_codebooks=int(num_codebooks),
                                   progress=_progress_callback(progress, "encoding"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
@@ -100,7 +84,7 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
         if not tokens_path:
             raise gr.Error("Upload a token file (.safetensors) first.")
         try:
-            wav = decode_tokens(mimi.get(), tokens_path, progress=_progress_callback(progress, "decoding"))
+            wav = decode_tokens(models.mimi(), tokens_path, progress=_progress_callback(progress, "decoding"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
         out = _out_path(Path(tokens_path).stem, ".wav")
@@ -145,28 +129,23 @@ def build_ui(mimi: Lazy[MimiModel], moshi: Lazy[MoshiModels]) -> gr.Blocks:
     return ui
 
 
-def create_app(
-    model: str = DEFAULT_LM_SOURCE, mimi_source: str = DEFAULT_MIMI_SOURCE, device: str = "auto",
-    dtype: str = "bfloat16", live_slots: int = 0, live_max_seconds: float = 300,
-) -> FastAPI:
-    """`live_slots`: concurrent live conversations (0: 4 on a GPU, 1 on the CPU, which is
-    already short of real time with one); `live_max_seconds`: the length of one."""
-    app = FastAPI(title="Moshi serving stack")
+def create_app(settings: Settings | None = None, live_slots: int = 0, live_max_seconds: float = 300) -> FastAPI:
+    """The whole server for `settings` (read from the environment when None).
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    mimi = Lazy(lambda: load_mimi(mimi_source, device=resolve_device(device)))
-    moshi = Lazy(lambda: load_moshi(model, device=resolve_device(device), dtype=parse_dtype(dtype)))
+    `live_slots`: concurrent live conversations (0: 4 on a GPU, 1 on the CPU, which is
+    already short of real time with one); `live_max_seconds`: the length of one.
+    """
+    settings = settings or Settings.from_env()
+    models = ModelCache(settings)  # one copy of each model for the UI, the live chat and in-process jobs
+    app = create_api(settings, models)
 
     def live_engine() -> LiveEngine:
-        models = moshi.get()
-        return LiveEngine(models, slots=live_slots or (4 if models.lm.device.type == "cuda" else 1))
+        moshi = models.moshi(settings.default_model)
+        return LiveEngine(moshi, slots=live_slots or (4 if moshi.lm.device.type == "cuda" else 1))
 
     live = LiveDriver(live_engine)
     app.include_router(create_chat_router(live, max_seconds=live_max_seconds))
-    return gr.mount_gradio_app(app, build_ui(mimi, moshi), path="/")
+    return gr.mount_gradio_app(app, build_ui(models), path="/")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"Moshi app on http://{args.host}:{args.port} (Moshi from {args.model}, Mimi from {args.mimi}; "
           "models load on first use)")
-    app = create_app(args.model, args.mimi, args.device, args.dtype, args.live_slots, args.live_max_seconds)
+    env = Settings.from_env()
+    settings = dataclasses.replace(env, models=tuple(dict.fromkeys([args.model, *env.models[1:]])), mimi=args.mimi,
+                                   device=args.device, dtype=args.dtype)
+    app = create_app(settings, args.live_slots, args.live_max_seconds)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -27,7 +27,8 @@ def serve_app(mimi_checkpoint: Path, tiny_moshi: Path, **env: str) -> Iterator[s
     """`python app.py` on the tiny checkpoint (float32, CPU, offline); yields its base URL."""
     port = _free_port()
     env = {**os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_MODEL": str(tiny_moshi), "MOSHI_DTYPE": "float32",
-           "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", **env}
+           "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+           "MOSHI_STORAGE_DIR": tempfile.mkdtemp(prefix="moshi-jobs-"), **env}
     # A file, not a pipe: nobody reads the output while the app runs, and a full pipe would stall it.
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_DIR, env=env,

@@ -1,5 +1,6 @@
 """The web app served for real, driven through Gradio's own client."""
 
+import time
 import urllib.request
 
 import pytest
@@ -58,3 +59,21 @@ def test_dialogue_tab(app_url, shared_audio):
     assert sf.info(voice).channels == 1 and sf.info(both).channels == 2
     assert abs(sf.info(voice).frames - n) <= 1
     assert isinstance(text, str) and isinstance(words, list)
+
+
+def test_rest_api_is_served_beside_the_ui_and_runs_jobs_in_process(app_url, shared_audio):
+    """No REDIS_URL: `python app.py` (what `make run` starts) runs API jobs itself."""
+    import httpx
+
+    with httpx.Client(base_url=app_url, timeout=30) as client:
+        assert client.get("/readyz").json()["queue"] == "in-process"
+        speech = (shared_audio / "en_short_16k.wav").read_bytes()
+        job = client.post("/v1/codec/encode", files={"file": ("short.wav", speech)}, data={"num_codebooks": "3"})
+        assert job.status_code == 202, job.text
+        url = job.headers["location"]
+        deadline = time.monotonic() + 60
+        while (state := client.get(url).json()["state"]) in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state == "succeeded"
+        assert load_tokens(client.get(url + "/result").content).num_codebooks == 3
+        assert client.get("/docs").status_code == 200
