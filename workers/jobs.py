@@ -30,6 +30,8 @@ class JobKind(str, enum.Enum):
     DIALOGUE = "dialogue"
     ENCODE = "encode"
     DECODE = "decode"
+    TRANSCRIBE = "transcribe"
+    TTS = "tts"
 
 
 class JobState(str, enum.Enum):
@@ -45,7 +47,10 @@ class JobState(str, enum.Enum):
 
 
 # The file each kind answers `GET /v1/jobs/{id}/result` with, and the content type of each artifact.
-PRIMARY_ARTIFACT = {JobKind.DIALOGUE: "audio.wav", JobKind.ENCODE: "tokens.safetensors", JobKind.DECODE: "audio.wav"}
+PRIMARY_ARTIFACT = {
+    JobKind.DIALOGUE: "audio.wav", JobKind.ENCODE: "tokens.safetensors", JobKind.DECODE: "audio.wav",
+    JobKind.TRANSCRIBE: "transcript.json", JobKind.TTS: "audio.wav",
+}
 CONTENT_TYPES = {".wav": "audio/wav", ".json": "application/json", ".safetensors": "application/octet-stream"}
 
 

@@ -21,7 +21,10 @@ log = logging.getLogger("moshi.workers")
 
 HEAVY_QUEUE = "moshi.lm"  # Moshi dialogue: seconds to minutes of a big model
 LIGHT_QUEUE = "moshi.codec"  # Mimi encode/decode: short
-QUEUE_OF = {JobKind.DIALOGUE: HEAVY_QUEUE, JobKind.ENCODE: LIGHT_QUEUE, JobKind.DECODE: LIGHT_QUEUE}
+QUEUE_OF = {
+    JobKind.DIALOGUE: HEAVY_QUEUE, JobKind.TRANSCRIBE: HEAVY_QUEUE, JobKind.TTS: HEAVY_QUEUE,
+    JobKind.ENCODE: LIGHT_QUEUE, JobKind.DECODE: LIGHT_QUEUE,
+}
 
 
 class JobQueue(Protocol):
