@@ -25,6 +25,9 @@ class Settings:
     storage_dir: Path = Path("moshi-jobs")
     models: tuple[str, ...] = (DEFAULT_LM_SOURCE,)  # the Moshi models jobs may name; the first is the default
     mimi: str = DEFAULT_MIMI_SOURCE
+    stt_model: str = "kyutai/stt-1b-en_fr"  # speech-to-text (transcription jobs, /v1/audio/transcriptions)
+    tts_model: str = "kyutai/tts-1.6b-en_fr"  # text-to-speech (TTS jobs, /v1/audio/speech)
+    tts_voices: str = "kyutai/tts-voices"  # where the TTS voice embeddings come from
     device: str = "auto"
     dtype: str = "bfloat16"
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
@@ -65,6 +68,9 @@ class Settings:
             storage_dir=Path(environ.get("MOSHI_STORAGE_DIR", "").strip() or _default_storage()),
             models=models,
             mimi=environ.get("MOSHI_MIMI", "").strip() or DEFAULT_MIMI_SOURCE,
+            stt_model=environ.get("MOSHI_STT_MODEL", "").strip() or cls.stt_model,
+            tts_model=environ.get("MOSHI_TTS_MODEL", "").strip() or cls.tts_model,
+            tts_voices=environ.get("MOSHI_TTS_VOICES", "").strip() or cls.tts_voices,
             device=environ.get("MOSHI_DEVICE", "").strip() or "auto",
             dtype=environ.get("MOSHI_DTYPE", "").strip() or "bfloat16",
             api_keys=keys,
