@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"Mimi weights: {MODEL_SOURCE_HELP} (env MOSHI_MIMI; default: %(default)s)")
     parser.add_argument("--device", default=os.environ.get("MOSHI_DEVICE", "auto"),
                         help="cpu, cuda, cuda:N or auto (env MOSHI_DEVICE; default: %(default)s)")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
-                        help="interface to listen on; 0.0.0.0 for all (env HOST; default: %(default)s)")
+    # A Hugging Face Space sets GRADIO_SERVER_NAME=0.0.0.0 and expects the app there.
+    parser.add_argument("--host", default=os.environ.get("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
+                        help="interface to listen on; 0.0.0.0 for all (env HOST or GRADIO_SERVER_NAME; "
+                             "default: %(default)s)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)),
                         help="port to listen on (env PORT; default: %(default)s)")
     parser.add_argument("--live-slots", type=int, default=int(os.environ.get("MOSHI_LIVE_SLOTS", 0)),

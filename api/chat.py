@@ -168,11 +168,12 @@ def create_chat_router(driver: LiveDriver, max_seconds: float) -> APIRouter:
             async with asyncio.timeout(max_seconds):
                 await _converse(ws, session, codec)
         except TimeoutError:
+            await driver.close(session)  # the slot is free by the time the caller hears of the end
             await _end(ws, f"time limit: conversations end after {max_seconds:g} s", 1000)
         except GONE:
             pass  # the caller hung up
         finally:
-            await driver.close(session)
+            await driver.close(session)  # a second close is a no-op
 
     @router.get("/api/chat/stats")
     def stats() -> dict:
