@@ -126,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                      help="LM weights and compute (default: %(default)s)")
     dia.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+    from .stt import DEFAULT_STT_SOURCE
+
+    stt = sub.add_parser(
+        "transcribe", help="speech file(s) -> text with word timestamps (Kyutai's STT models)",
+        description=(
+            "Transcribe speech with Kyutai's speech-to-text models (English and French with the "
+            "default). Words are printed on stderr as they are recognised; the transcript goes to "
+            "stdout or -o, as JSON (text and timed words), plain text, SubRip or WebVTT. Several "
+            "inputs run as one batch; -o then gets .0, .1, ... before its suffix."
+        ),
+    )
+    stt.add_argument("audio", nargs="+", metavar="AUDIO", help="speech (wav, flac, ogg/opus, mp3; any rate)")
+    stt.add_argument("-o", "--output", metavar="OUT", help="transcript file (default: stdout)")
+    stt.add_argument("-f", "--format", default="json", choices=["json", "text", "srt", "vtt"],
+                     help="transcript format (default: %(default)s)")
+    stt.add_argument("--model", default=DEFAULT_STT_SOURCE, metavar="SOURCE",
+                     help=f"the STT model: {MODEL_SOURCE_HELP} (default: %(default)s; also kyutai/stt-2.6b-en)")
+    stt.add_argument("--revision", help="pin a Hub revision of --model")
+    stt.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+    stt.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
+    stt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                     help="model weights and compute (default: %(default)s)")
+    stt.add_argument("-q", "--quiet", action="store_true", help="print neither progress nor words as they come")
     return parser
 
 
@@ -205,6 +229,44 @@ def _dialogue(args: argparse.Namespace) -> None:
             print(f"Moshi: {result.text}", file=sys.stderr)
 
 
+def format_transcript(transcript, fmt: str) -> str:
+    """A `Transcript` as `json`, `text`, `srt` or `vtt` (what --format and the API offer)."""
+    import json
+
+    from .subtitles import to_srt, to_vtt
+
+    if fmt == "json":
+        return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    if fmt == "text":
+        return transcript.text + "\n"
+    return to_srt(transcript.words) if fmt == "srt" else to_vtt(transcript.words)
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from .audio import atomic_write_bytes
+    from .codec import load_batch, resolve_device
+    from .models import parse_dtype
+    from .stt import Transcriber, load_stt
+
+    wavs = load_batch(args.audio, args.max_seconds)
+    models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
+                      revision=args.revision)
+    transcriber = Transcriber(models)
+    batched = len(wavs) > 1
+
+    def show(item, words):
+        prefix = f"[{item}] " if batched else ""
+        print(prefix + " ".join(f"{w.text}" for w in words), file=sys.stderr, flush=True)
+
+    results = transcriber.transcribe(wavs, on_words=None if args.quiet else show)
+    for i, transcript in enumerate(results):
+        text = format_transcript(transcript, args.format)
+        if args.output:
+            atomic_write_bytes(_numbered(args.output, i, batched), text.encode())
+        else:
+            sys.stdout.write(text)
+
+
 def _models(args: argparse.Namespace) -> None:
     from .models import DEFAULT_LM_SOURCE, SUPPORTED_MODELS
 
@@ -215,7 +277,9 @@ def _models(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "models": _models}[args.command](args)
+        commands = {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "transcribe": _transcribe,
+                    "models": _models}
+        commands[args.command](args)
     except MoshiError as exc:
         print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ only the most recent 4 minutes, which is the same window it saw at every step of
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .lm import UNGENERATED_TOKEN, LMModel
 from .sampling import SamplingParams, SlotSampling, sample_token
@@ -69,6 +70,17 @@ class LMGenerator:
         A slot's first step returns UNGENERATED_TOKEN (-2) everywhere: with an acoustic
         delay of one step, its first complete frame comes out of its second step.
         """
+        return self._step(user_codes, state)[0]
+
+    @torch.no_grad()
+    def step_with_extra_heads(self, user_codes: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step`, plus the probabilities of the model's extra heads [B, heads, extra_heads_dim]
+        (the speech-to-text model's voice-activity predictions)."""
+        out, z = self._step(user_codes, state)
+        heads = [F.softmax(head(z[:, 0]).float(), dim=-1) for head in self.lm.extra_heads]
+        return out, torch.stack(heads, dim=1) if heads else z.new_zeros(z.shape[0], 0, self.lm.cfg.extra_heads_dim)
+
+    def _step(self, user_codes: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
         lm, cfg = self.lm, self.lm.cfg
         B = state.batch_size
         if user_codes.dim() != 3 or user_codes.shape[0] != B or user_codes.shape[2] != 1:
@@ -99,7 +111,7 @@ class LMGenerator:
         gen_delays = self.delays[: 1 + cfg.dep_q]
         read = (state.offsets[:, None] - self.max_delay + gen_delays) % ring
         out = state.tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
-        return torch.where((state.offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out)
+        return torch.where((state.offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out), z
 
     def _sample(self, logits: torch.Tensor, state: GenerationState, text: bool) -> torch.Tensor:
         if state.slots is not None:
@@ -109,6 +121,8 @@ class LMGenerator:
     def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState) -> torch.Tensor:
         """Moshi's dep_q audio codes for this step, codebook after codebook: [B, dep_q]."""
         lm = self.lm
+        if lm.cfg.dep_q == 0:  # text only (speech-to-text): no depth transformer
+            return text.new_zeros(text.shape[0], 0)
         cache = lm.init_depformer_state(text.shape[0])
         previous, codes = text, []
         for slot in range(lm.cfg.dep_q):

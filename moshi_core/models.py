@@ -47,6 +47,7 @@ class MoshiModels:
     tokenizer: TextTokenizer
     source: str
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # `lm_gen_config`
+    config: dict[str, Any] = field(default_factory=dict)  # the whole config.json ({} without one)
 
 
 def _file_in(source: ModelSource, names: str | tuple[str, ...], revision: str | None) -> Path:
@@ -120,6 +121,6 @@ def load_moshi(
         raise CheckpointError(f"the LM of {source} has {lm_config.card} audio tokens but Mimi has "
                               f"{mimi.cfg.quantizer.bins}: they do not belong together")
     tokenizer = TextTokenizer(_file_in(parsed, config.get("tokenizer_name", TOKENIZER_FILENAME), revision))
-    return MoshiModels(lm, mimi, tokenizer, str(source), dict(config.get("lm_gen_config") or {}))
+    return MoshiModels(lm, mimi, tokenizer, str(source), dict(config.get("lm_gen_config") or {}), config)
 
 

@@ -1,0 +1,202 @@
+"""Speech-to-text against Kyutai's reference on random weights, at both STT configs (2 layers).
+
+Checkpoints are written in the official format, with a config.json laid out like the HF
+repos', and loaded through the user's code path; the reference `LMGen` (greedy) is fed the
+same Mimi codes, one step at a time, with the same silence around the speech.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moshi_core.audio import load_audio
+from moshi_core.errors import ModelSourceError
+from moshi_core.stt import Transcriber, load_stt
+from moshi_core.text import Word
+
+# The HF configs (reference 11.4, 11.5), scaled down to 2 layers of width 256 (heads, context,
+# RoPE period, norms, gating and heads as released), with our test tokenizer's 64 pieces.
+STT_BASE = dict(
+    card=2048, n_q=32, dep_q=0, delays=[0] * 33, dim=256, text_card=64, existing_text_padding_id=3,
+    hidden_scale=4.125, causal=True, layer_scale=None, max_period=100000.0, gating="silu", norm="rms_norm_f32",
+    positional_embedding="rope", depformer_dim=1024, depformer_num_heads=16, depformer_num_layers=6,
+    depformer_dim_feedforward=None, depformer_multi_linear=True, depformer_pos_emb="none",
+    depformer_weights_per_step=True, num_layers=2,
+)
+STT_CONFIGS = {
+    # The candle repo's config: the 1B with its 4 voice-activity heads.
+    "stt-1b-en_fr": dict(STT_BASE, num_heads=16, context=750, extra_heads_num_heads=4, extra_heads_dim=6),
+    "stt-2.6b-en": dict(STT_BASE, num_heads=32, context=375),
+}
+STT_EXTRA = {
+    "stt-1b-en_fr": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+    "stt-2.6b-en": {"audio_delay_seconds": 2.5, "audio_silence_prefix_seconds": 1.0},
+}
+
+
+def write_stt_folder(folder, name, mimi_checkpoint, tokenizer_model):
+    """A folder laid out like `kyutai/<name>`; returns the reference LMModel of its weights."""
+    from oracle import official_state_dict, random_reference_lm
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lm_kwargs = STT_CONFIGS[name]
+    config = dict(lm_kwargs, conditioners={}, cross_attention=False, model_id={"sig": "0123abcd", "epoch": 100},
+                  lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50},
+                  stt_config=STT_EXTRA[name], model_type="stt", mimi_name="mimi-pytorch-e351c8d8@125.safetensors",
+                  tokenizer_name="tokenizer_en_fr_audio_8000.model")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    reference = random_reference_lm(lm_kwargs, seed=1)
+    with torch.no_grad():
+        # A larger end-of-padding row makes random weights write word boundaries now and then.
+        reference.text_linear.weight[0] *= 2.5
+    save_file(official_state_dict(reference), str(folder / "model.safetensors"))
+    os.symlink(mimi_checkpoint, folder / "mimi-pytorch-e351c8d8@125.safetensors")
+    shutil.copy(tokenizer_model, folder / "tokenizer_en_fr_audio_8000.model")
+    return reference
+
+
+@pytest.fixture(scope="module")
+def stt_factory(tmp_path_factory, mimi_checkpoint, tokenizer_model):
+    made = {}
+
+    def make(name):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(name)
+            reference = write_stt_folder(folder, name, mimi_checkpoint, tokenizer_model)
+            made[name] = name, folder, reference, load_stt(str(folder), dtype=torch.float32)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="module", params=sorted(STT_CONFIGS))
+def stt(request, stt_factory):
+    return stt_factory(request.param)
+
+
+def reference_words(tokens: list[int], sp, frame_rate: float, offset: float) -> list[Word]:
+    """Kyutai's word rule (`stt_from_file_pytorch.py`, reference 7.1) on whole token lists."""
+    tokens = torch.tensor(tokens)
+
+    def time(frame):
+        return max(0.0, frame / frame_rate - offset)
+
+    words = []
+
+    def segment(start, end):
+        text = sp.decode([t for t in tokens[start:end].tolist() if t > 3])
+        names = text.split()
+        for name in names[:-1]:
+            n = len(sp.encode(name))
+            words.append(Word(name, time(start), time(start + n)))
+            start += n
+        if names:
+            words.append(Word(names[-1], time(start), time(end)))
+
+    (bounds,) = torch.where(tokens == 0)
+    if not len(bounds):
+        return []
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        segment(a + 1, b)
+    last = int(bounds[-1]) + 1
+    (eos,) = torch.where(tokens[last:] == sp.eos_id())
+    segment(last, last + int(eos[0]) if len(eos) else int(min(len(tokens), last + frame_rate)))
+    return words
+
+
+def test_greedy_tokens_heads_and_words_equal_the_reference(stt, shared_audio):
+    from moshi.models.lm import LMGen
+
+    name, _, reference, models = stt
+    transcriber = Transcriber(models)
+    # A batch of two lengths: the first 3 s of a question, and a short clip.
+    speech = [load_audio(shared_audio / "en_question_24k.wav")[:, : 3 * 24000], load_audio(shared_audio / "en_short_16k.wav")]
+    ours = transcriber.transcribe(speech)
+
+    # The same padded input, encoded by our Mimi (proven equal to the reference's elsewhere).
+    frames = -(-max(w.shape[-1] for w in speech) // 1920)
+    total = transcriber.prefix_frames + frames + transcriber.tail_frames
+    batch = torch.zeros(2, 1, total * 1920)
+    for i, w in enumerate(speech):
+        batch[i, :, transcriber.prefix_frames * 1920 :][..., : w.shape[-1]] = w
+    with torch.inference_mode():
+        codes = models.mimi.encode(batch, 32)
+    lm_gen = LMGen(reference, use_sampling=False, temp=0.0, temp_text=0.0)
+    ref_tokens, ref_heads = [], []
+    with torch.no_grad(), lm_gen.streaming(2):
+        for t in range(total):
+            out, heads = lm_gen.step_with_extra_heads(codes[..., t : t + 1])
+            ref_tokens.append(out[:, 0, 0])
+            ref_heads.append(torch.stack([h[:, 0, 0] for h in heads], dim=1) if heads else None)  # [B, heads]
+    ref_tokens = torch.stack(ref_tokens, dim=1)
+    assert [t.tokens for t in ours] == ref_tokens.tolist()
+    assert len(set(ref_tokens.flatten().tolist())) > 5, "the random model should not be stuck on one token"
+
+    sp = models.tokenizer.sp
+    for item, transcript in enumerate(ours):
+        expected = reference_words(ref_tokens[item].tolist(), sp, 12.5, transcriber.offset_seconds)
+        assert transcript.words == expected
+    assert any(t.words for t in ours), "the test should exercise word boundaries"
+
+    if name == "stt-1b-en_fr":  # the voice-activity heads
+        state = transcriber.init_state(2)
+        pause = []
+        for t in range(total):
+            pause.append(transcriber._step_codes(codes[..., t : t + 1], state).pause)
+        expected = torch.stack(ref_heads, dim=1)
+        torch.testing.assert_close(torch.stack(pause, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_equals_offline_and_slots_reset_alone(stt, shared_audio):
+    _, _, _, models = stt
+    transcriber = Transcriber(models)
+    wav = load_audio(shared_audio / "en_short_16k.wav")
+    (offline,) = transcriber.transcribe([wav])
+    frames = -(-wav.shape[-1] // 1920)
+    padded = torch.zeros(1, 1, (transcriber.prefix_frames + frames + transcriber.tail_frames) * 1920)
+    padded[..., transcriber.prefix_frames * 1920 :][..., : wav.shape[-1]] = wav
+    # Slot 1 runs other audio first, then is reset and given the same file as slot 0.
+    noise = torch.randn(1, 1, padded.shape[-1]) * 0.1
+    state = transcriber.init_state(2)
+    tokens = [[], []]
+    for t in range(0, padded.shape[-1], 1920):
+        both = torch.cat([padded[..., t : t + 1920], noise[..., t : t + 1920]])
+        result = transcriber.step(both, state)
+        tokens[0].append(int(result.tokens[0]))
+    assert tokens[0] == offline.tokens
+    transcriber.reset(state, torch.tensor([False, True]))
+    for t in range(0, padded.shape[-1], 1920):
+        result = transcriber.step(torch.cat([noise[..., t : t + 1920], padded[..., t : t + 1920]]), state)
+        tokens[1].append(int(result.tokens[1]))
+    assert tokens[1] == offline.tokens
+    assert state.words[1].flush() == offline.words
+
+
+def test_a_moshi_folder_is_not_an_stt_model(tiny_moshi):
+    with pytest.raises(ModelSourceError, match="is not a speech-to-text model"):
+        load_stt(str(tiny_moshi), dtype=torch.float32)
+
+
+def test_cli_transcribe_formats(stt_factory, shared_audio, tmp_path):
+    _, folder, _, models = stt_factory("stt-1b-en_fr")
+    speech = shared_audio / "en_question_24k.wav"
+    (expected,) = Transcriber(models).transcribe([load_audio(speech)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "moshi_core", "transcribe", str(speech), "--model", str(folder),
+                               "--dtype", "float32", *args], capture_output=True, text=True, env=env, check=True)
+
+    data = json.loads(run("--format", "json").stdout)
+    assert data["text"] == expected.text
+    assert [w["text"] for w in data["words"]] == [w.text for w in expected.words]
+    srt = run("--format", "srt", "-o", str(tmp_path / "out.srt"))
+    assert srt.stdout == "" and (tmp_path / "out.srt").read_text().startswith("1\n00:00:")
+    assert run("--format", "vtt").stdout.startswith("WEBVTT\n\n")
+    assert run("--format", "text").stdout.strip() == expected.text
