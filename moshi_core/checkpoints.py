@@ -117,4 +117,9 @@ def load_lm(
         state = join_row_scales(state)  # `*-pytorch-q8` repos: int8 weights with `_scb` scales
     if dequantize:
         state = {k: v.dequantize() if hasattr(v, "dequantize") else v for k, v in state.items()}
-    return materialize(model, state, path.name, dtype, device)
+    model = materialize(model, state, path.name, dtype, device)
+    if model.condition_provider is not None:  # kept float32 whatever `dtype`, as Kyutai's loader does
+        prefix = "condition_provider."
+        conditions = {k.removeprefix(prefix): v.float() for k, v in state.items() if k.startswith(prefix)}
+        model.condition_provider.float().load_state_dict(conditions, strict=True)
+    return model

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .conditioners import ConditionProvider, FuserConfig
 from .transformer import KVCache, Transformer, TransformerConfig, make_norm
 
 ZERO_TOKEN = -1  # embeds to an exact zero: "no input"
@@ -66,13 +67,16 @@ class LMConfig:
     depformer_low_rank_embeddings: int | None = None
     depformer_context: int | None = None  # ignored, as by the reference: the depformer sees one frame
     depformer_causal: bool = True  # deprecated key, ignored
+    # TTS: the voice through cross-attention, settings summed into the input (see conditioners.py)
+    cross_attention: bool = False
+    conditioners: dict[str, Any] | None = None
+    fuser: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.delays) != self.n_q + 1:
             raise ValueError(f"delays has {len(self.delays)} entries; n_q={self.n_q} needs {self.n_q + 1}")
         unsupported = {
             "norm_emb": self.norm_emb, "bias_proj": self.bias_proj, "depformer_norm": self.depformer_norm,
-            "demux_second_text_stream": self.demux_second_text_stream,
         }
         for key, value in unsupported.items():
             if value:
@@ -87,9 +91,12 @@ class LMConfig:
     def from_dict(cls, data: dict[str, Any]) -> "LMConfig":
         """From a config JSON: LM keys are used, the other keys of `config.json` are left out."""
         known = {f.name for f in fields(cls)}
+        if "demux_second_stream" in data:  # the released files' older name, renamed by Kyutai's loader
+            data = dict(data)
+            data["demux_second_text_stream"] = data.pop("demux_second_stream")
         not_lm = {"moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
                   "lm_gen_config", "tts_config", "stt_config", "model_id", "lora", "lora_rank", "lora_scaling",
-                  "quantize", "conditioners", "fuser"}
+                  "quantize"}
         unknown = sorted(set(data) - known - not_lm)
         if unknown:
             raise ValueError(f"unknown LM config keys: {', '.join(unknown)}")
@@ -107,7 +114,7 @@ class LMConfig:
             d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=int(self.hidden_scale * self.dim), layer_scale=self.layer_scale,
             context=self.context, max_period=self.max_period, gating=self.gating, norm=self.norm,
-            positional_embedding=self.positional_embedding,
+            positional_embedding=self.positional_embedding, cross_attention=self.cross_attention,
         )
 
     def depformer_config(self) -> TransformerConfig:
@@ -144,16 +151,36 @@ MOSHI_7B: dict[str, Any] = {
 
 
 class ScaledEmbedding(nn.Embedding):
-    """Embedding where token -1 gives an exact zero; optionally low rank (then projected up)."""
+    """Embedding where token -1 gives an exact zero; optionally low rank (then projected up).
 
-    def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None) -> None:
+    With `demux`, a token carries two: `(second + 1) * num_embeddings + first` (TTS feeds the
+    text and a look-ahead text stream in one token); each part is looked up in the same table
+    and projected by its own `out1` / `out2`, and a second part of -1 adds nothing.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None, demux: bool = False) -> None:
         super().__init__(num_embeddings, low_rank or dim)
         self.low_rank = nn.Linear(low_rank, dim, bias=False) if low_rank else None
+        self.demux = demux
+        if demux:
+            self.out1 = nn.Linear(low_rank or dim, dim, bias=False)
+            self.out2 = nn.Linear(low_rank or dim, dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.demux:
+            return self._demux_forward(tokens)
         y = super().forward(tokens.clamp(min=0))
         y = torch.where((tokens == ZERO_TOKEN)[..., None], torch.zeros((), dtype=y.dtype, device=y.device), y)
         return self.low_rank(y) if self.low_rank is not None else y
+
+    def _demux_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        clamped = tokens.clamp(min=0)
+        first = super().forward(clamped % self.num_embeddings)
+        second_index = clamped // self.num_embeddings - 1
+        second = self.out2(super().forward(second_index.clamp(min=0)))
+        y = self.out1(first) + torch.where((second_index < 0)[..., None], torch.zeros((), dtype=second.dtype), second)
+        # `low_rank` exists in the files but the two projections already map to `dim`.
+        return torch.where((tokens == ZERO_TOKEN)[..., None], torch.zeros((), dtype=y.dtype), y)
 
 
 class LMOutput(NamedTuple):
@@ -193,7 +220,7 @@ class LMModel(nn.Module):
         self.cfg = cfg
         dim, dep_dim = cfg.dim, cfg.depformer_dim
         self.emb = nn.ModuleList([ScaledEmbedding(cfg.card + 1, dim) for _ in range(cfg.n_q)])
-        self.text_emb = ScaledEmbedding(cfg.text_card + 1, dim)
+        self.text_emb = ScaledEmbedding(cfg.text_card + 1, dim, demux=cfg.demux_second_text_stream)
         self.text_linear = nn.Linear(dim, cfg.text_card_out or cfg.text_card, bias=False)
         self.transformer = Transformer(cfg.temporal_config())
         self.out_norm = make_norm(cfg.norm, dim)
@@ -208,12 +235,18 @@ class LMModel(nn.Module):
             self.depformer_emb = nn.ModuleList(
                 [ScaledEmbedding(cfg.card + 1, dep_dim, low_rank) for _ in range(cfg.dep_q - 1)]
             )
-            self.depformer_text_emb = ScaledEmbedding(cfg.text_card + 1, dep_dim, low_rank)
+            self.depformer_text_emb = ScaledEmbedding(cfg.text_card + 1, dep_dim, low_rank,
+                                                      demux=cfg.demux_second_text_stream)
             self.depformer = Transformer(cfg.depformer_config())
         self.extra_heads = nn.ModuleList(
             [nn.Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)]
         )
         self.linears = nn.ModuleList([nn.Linear(dep_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
+        self.condition_provider: ConditionProvider | None = None
+        self.fuser: FuserConfig | None = None
+        if cfg.conditioners:
+            self.condition_provider = ConditionProvider(dim, cfg.conditioners)
+            self.fuser = FuserConfig.from_dict(cfg.fuser or {})
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -238,9 +271,17 @@ class LMModel(nn.Module):
         """KV cache of the temporal transformer for `batch_size` streams."""
         return self.transformer.init_state(batch_size, max_step)
 
-    def forward_text(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, K, T] -> (normed hidden state z [B, T, dim], text logits [B, 1, T, text_card])."""
-        z = self.out_norm(self.transformer.step(self.embed(tokens), cache))
+    def forward_text(self, tokens: torch.Tensor, cache: KVCache,
+                     condition_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, K, T] -> (normed hidden state z [B, T, dim], text logits [B, 1, T, text_card]).
+
+        `condition_sum` [B, 1, dim] (TTS settings) is added to every step's input; a voice to
+        attend to is set once per session with `transformer.set_cross_source(cache, ...)`.
+        """
+        x = self.embed(tokens)
+        if condition_sum is not None:
+            x = x + condition_sum.to(x)
+        z = self.out_norm(self.transformer.step(x, cache))
         return z, self.text_linear(z)[:, None]
 
     # -- depth transformer -----------------------------------------------------------------

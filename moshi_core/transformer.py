@@ -44,6 +44,7 @@ class TransformerConfig:
     positional_scale: float = 1.0
     weights_per_step: int = 0
     weights_per_step_schedule: list[int] | None = None
+    cross_attention: bool = False  # TTS: every layer also attends to a condition (the voice)
     conv_layout: bool = True  # Kyutai's tensor layout; ours is always [B, T, C]
     input_dimension: int | None = None
     output_dimensions: tuple[int, ...] = field(default_factory=tuple)
@@ -123,6 +124,9 @@ class KVCache:
     offset: torch.Tensor  # [B] next absolute position
     max_step: int
     steps: int = 0  # steps taken since the last full reset: selects per-step weights
+    # Cross-attention keys and values per layer [B, H, S, D], computed once per session.
+    cross_keys: list[torch.Tensor] | None = None
+    cross_values: list[torch.Tensor] | None = None
 
     @property
     def capacity(self) -> int:
@@ -233,6 +237,36 @@ class Attention(nn.Module):
         return self._project(y.transpose(1, 2).reshape(B, T, -1), self.out_proj.weight, ctx.first_step)
 
 
+class CrossAttention(nn.Module):
+    """Attention from the stream to a fixed source (the voice), no mask and no positions.
+
+    Its keys and values depend on the source only, so `keys_values` runs once per session;
+    each step then projects its query alone.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))  # [q | k | v] rows, as in the files
+        self.out_proj = nn.Linear(d, d, bias=False)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source [B, S, d] -> keys and values, each [B, H, S, D]."""
+        d = self.in_proj_weight.shape[1]
+        B, S, _ = source.shape
+        kv = F.linear(source, self.in_proj_weight[d:]).view(B, S, 2, self.num_heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q = F.linear(x, self.in_proj_weight[:d]).view(B, T, self.num_heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, keys, values)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
 class ActivationGating(nn.Module):
     """linear_out(act(gate) * up), with [gate | up] = linear_in(x)."""
 
@@ -280,6 +314,11 @@ class TransformerLayer(nn.Module):
         has_scale = cfg.layer_scale is not None
         self.layer_scale_1 = LayerScale(d) if has_scale else nn.Identity()
         self.layer_scale_2 = LayerScale(d) if has_scale else nn.Identity()
+        self.cross_attention: CrossAttention | None = None
+        if cfg.cross_attention:
+            self.cross_attention = CrossAttention(cfg)
+            self.norm_cross = nn.LayerNorm(d, eps=1e-5)  # always a LayerNorm, as in Kyutai's models
+            self.layer_scale_cross = LayerScale(d) if has_scale else nn.Identity()
 
     def _mlp(self, h: torch.Tensor, first_step: int) -> torch.Tensor:
         if self.cfg.gating == "none":
@@ -288,9 +327,14 @@ class TransformerLayer(nn.Module):
             return _per_step(h, first_step, self.cfg, lambda h_t, i: self.gating[i](h_t))
         return self.gating(h)
 
-    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext,
+             cross: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         update = self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, ctx))
         x = x.to(update.dtype) + update
+        if self.cross_attention is not None:
+            if cross is None:
+                raise ValueError("this transformer attends to a condition: call set_cross_source first")
+            x = x + self.layer_scale_cross(self.cross_attention(self.norm_cross(x), *cross))
         update = self.layer_scale_2(self._mlp(self.norm2(x), ctx.first_step))
         return x.to(update.dtype) + update
 
@@ -342,9 +386,27 @@ class Transformer(nn.Module):
             x = x + cfg.positional_scale * sin_embedding(pos_q, cfg.d_model, cfg.max_period).to(x.dtype)
         slots = torch.arange(x.shape[0], device=x.device)[:, None]
         ctx = _StepContext(rotation, slots, index, window_mask(pos_q, cache.positions, cfg.context), first_step)
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            x = layer.step(x, keys, values, ctx)
+        if cache.cross_keys is None:
+            for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+                x = layer.step(x, keys, values, ctx)
+            return x
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cache.keys[i], cache.values[i], ctx, (cache.cross_keys[i], cache.cross_values[i]))
         return x
+
+    def set_cross_source(self, cache: KVCache, source: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Compute the cross-attention keys and values of `source` [B, S, d] into `cache`, for
+        every slot, or only for the slots where `mask` [B] is True (a new request there)."""
+        if not self.cfg.cross_attention:
+            raise ValueError("this transformer has no cross-attention")
+        kvs = [layer.cross_attention.keys_values(source) for layer in self.layers]
+        if cache.cross_keys is None or mask is None:
+            cache.cross_keys = [k for k, _ in kvs]
+            cache.cross_values = [v for _, v in kvs]
+            return
+        for old_k, old_v, (k, v) in zip(cache.cross_keys, cache.cross_values, kvs):
+            old_k[mask] = k[mask]
+            old_v[mask] = v[mask]
 
 
 class ProjectedTransformer(nn.Module):
