@@ -16,6 +16,7 @@ from workers.settings import Settings
 
 from .errors import error_response, install_error_handlers
 from .routes import router
+from .transcription import router as transcription_router
 from .service import JobService
 
 log = logging.getLogger("moshi.api")
@@ -97,4 +98,5 @@ def create_api(settings: Settings | None = None, models: ModelCache | None = Non
     # Multipart framing adds a little to the file itself.
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     app.include_router(router)
+    app.include_router(transcription_router)
     return app

@@ -22,6 +22,7 @@ from workers.errors import (
     IdempotencyConflictError,
     JobNotFoundError,
     JobNotReadyError,
+    JobTimeoutError,
     QueueUnavailableError,
     UnknownModelError,
     UploadTooLargeError,
@@ -45,6 +46,7 @@ STATUS = [
     (InvalidParameterError, 422, "invalid_parameter"),
     (UnknownModelError, 422, "unknown_model"),
     (QueueUnavailableError, 503, "queue_unavailable"),
+    (JobTimeoutError, 504, "timeout"),
     (ModelSourceError, 503, "model_unavailable"),
     (CheckpointError, 503, "model_unavailable"),
 ]

@@ -45,14 +45,14 @@ IdempotencyKey = Annotated[str | None, Header(max_length=255, description="Retry
                                               "request give the same job")]
 
 
-def _read(upload: UploadFile, limit: int) -> bytes:
+def read_upload(upload: UploadFile, limit: int) -> bytes:
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLargeError(f"{upload.filename!r} is over this server's upload limit of {limit / 2**20:g} MB")
     return data
 
 
-def _accepted(jobs: JobService, job: Job, response: Response, replayed: bool) -> JobOut:
+def accepted(jobs: JobService, job: Job, response: Response, replayed: bool) -> JobOut:
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["Retry-After"] = "1"
@@ -61,7 +61,7 @@ def _accepted(jobs: JobService, job: Job, response: Response, replayed: bool) ->
     return JobOut.of(job, jobs.sizes(job))
 
 
-def _name(upload: UploadFile, default: str) -> str:
+def upload_name(upload: UploadFile, default: str) -> str:
     # Only the base name, for the download names of the artifacts.
     return Path(upload.filename or default).name or default
 
@@ -82,13 +82,13 @@ def submit_dialogue(
     max_seconds: Annotated[float | None, Form(gt=0, description="Use only the first seconds of the file")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    name = _name(file, "audio")
-    files = jobs.audio_input(_read(file, jobs.settings.max_upload_bytes), name, max_seconds)
+    name = upload_name(file, "audio")
+    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name, max_seconds)
     asked = {"model": model, "seed": seed, "temp_text": temp_text, "top_k_text": top_k_text,
              "temp_audio": temp_audio, "top_k_audio": top_k_audio, "greedy": greedy, "max_seconds": max_seconds}
     submission = jobs.submit(JobKind.DIALOGUE, owner, jobs.dialogue_params(asked), files, name,
                              idempotency_key, fingerprint_params=asked)
-    return _accepted(jobs, submission.job, response, submission.replayed)
+    return accepted(jobs, submission.job, response, submission.replayed)
 
 
 @router.post("/v1/codec/encode", status_code=202, response_model=JobOut, tags=["jobs"],
@@ -99,10 +99,10 @@ def submit_encode(
     num_codebooks: Annotated[int, Form(ge=1, le=32, description="8 is what Moshi uses; 32 sounds best")] = 8,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    name = _name(file, "audio")
-    files = jobs.audio_input(_read(file, jobs.settings.max_upload_bytes), name)
+    name = upload_name(file, "audio")
+    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name)
     submission = jobs.submit(JobKind.ENCODE, owner, {"num_codebooks": num_codebooks}, files, name, idempotency_key)
-    return _accepted(jobs, submission.job, response, submission.replayed)
+    return accepted(jobs, submission.job, response, submission.replayed)
 
 
 @router.post("/v1/codec/decode", status_code=202, response_model=JobOut, tags=["jobs"],
@@ -112,10 +112,10 @@ def submit_decode(
     file: Annotated[UploadFile, File(description="A token file made by /v1/codec/encode or `moshi-core encode`")],
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    name = _name(file, "tokens")
-    files = jobs.tokens_input(_read(file, jobs.settings.max_upload_bytes), name)
+    name = upload_name(file, "tokens")
+    files = jobs.tokens_input(read_upload(file, jobs.settings.max_upload_bytes), name)
     submission = jobs.submit(JobKind.DECODE, owner, {}, files, name, idempotency_key)
-    return _accepted(jobs, submission.job, response, submission.replayed)
+    return accepted(jobs, submission.job, response, submission.replayed)
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], tags=["jobs"], summary="Your jobs, newest first")
@@ -161,7 +161,8 @@ def list_models(jobs: Service) -> ModelsOut:
     s = jobs.settings
     moshi = [ModelOut(id=m, kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE]) for m in s.models]
     mimi = ModelOut(id=s.mimi, kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
-    return ModelsOut(models=[*moshi, mimi])
+    stt = ModelOut(id=s.stt_model, kind="stt", default=True, jobs=[JobKind.TRANSCRIBE])
+    return ModelsOut(models=[*moshi, mimi, stt])
 
 
 @router.get("/healthz", tags=["service"], summary="The API process is up")

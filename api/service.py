@@ -5,6 +5,7 @@ is decoded (its content decides, not its name), token files are read and range-c
 parameters are bounded. A worker is then only ever given input it can process.
 """
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from moshi_core.audio import SAMPLE_RATE, load_audio, wav_bytes
 from moshi_core.errors import InvalidTokenFileError
 from moshi_core.tokens import load_tokens
-from workers.errors import JobNotReadyError
+from workers.errors import JobNotReadyError, JobTimeoutError
 from workers.jobs import PRIMARY_ARTIFACT, Job, JobKind, JobState, JobStore, new_job_id
 from workers.models import check_model
 from workers.pipelines import AUDIO_INPUT, TOKENS_INPUT
@@ -34,12 +35,15 @@ class JobService:
 
     # Inputs.
 
-    def audio_input(self, data: bytes, name: str, max_seconds: float | None = None) -> dict[str, bytes]:
-        """Decode an upload (refused beyond the server's limit) and keep at most its first `max_seconds`."""
+    def audio_input(
+        self, data: bytes, name: str, max_seconds: float | None = None
+    ) -> tuple[dict[str, bytes], float]:
+        """Decode an upload (refused beyond the server's limit) and keep at most its first
+        `max_seconds`: the job's input file, and its duration in seconds."""
         wav = load_audio(data, max_seconds=self.settings.max_audio_seconds, label=f"the uploaded file {name!r}")
         if max_seconds is not None:
             wav = wav[:, : int(max_seconds * SAMPLE_RATE)]
-        return {AUDIO_INPUT: wav_bytes(wav, exact=True)}
+        return {AUDIO_INPUT: wav_bytes(wav, exact=True)}, wav.shape[-1] / SAMPLE_RATE
 
     def tokens_input(self, data: bytes, name: str) -> dict[str, bytes]:
         tokens = load_tokens(data, label=f"the uploaded token file {name!r}")
@@ -117,6 +121,18 @@ class JobService:
         if name not in job.artifacts:
             raise JobNotReadyError(f"job {job.id} has no artifact {name!r}; it has {', '.join(job.artifacts)}")
         return job, self.store.folder(job.id) / name
+
+    async def wait(self, job_id: str, timeout: float) -> Job:
+        """The job once finished; JobTimeoutError (the job goes on) after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not (job := self.store.get(job_id)).state.finished:
+            if time.monotonic() > deadline:
+                raise JobTimeoutError(
+                    f"the job is still {job.state.value} after {timeout:g} s; it goes on as job {job.id}: "
+                    f"poll GET /v1/jobs/{job.id}"
+                )
+            await asyncio.sleep(0.05)
+        return job
 
     def sizes(self, job: Job) -> dict[str, int]:
         folder = self.store.folder(job.id)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -200,3 +201,54 @@ def test_cli_transcribe_formats(stt_factory, shared_audio, tmp_path):
     assert srt.stdout == "" and (tmp_path / "out.srt").read_text().startswith("1\n00:00:")
     assert run("--format", "vtt").stdout.startswith("WEBVTT\n\n")
     assert run("--format", "text").stdout.strip() == expected.text
+
+
+def test_transcription_job_and_openai_endpoint(stt_factory, shared_audio, tmp_path):
+    import httpx
+    import openai
+
+    from servers import start_api
+
+    _, folder, _, models = stt_factory("stt-1b-en_fr")
+    speech = shared_audio / "en_question_24k.wav"
+    (expected,) = Transcriber(models).transcribe([load_audio(speech)])
+    env = {**os.environ, "MOSHI_STT_MODEL": str(folder), "MOSHI_DTYPE": "float32", "MOSHI_DEVICE": "cpu",
+           "HF_HUB_OFFLINE": "1", "MOSHI_STORAGE_DIR": str(tmp_path / "jobs"), "MOSHI_SYNC_MAX_SECONDS": "10"}
+    env.pop("REDIS_URL", None)
+    api, url = start_api(env, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        with open(speech, "rb") as f:
+            verbose = client.audio.transcriptions.create(model=str(folder), file=f, response_format="verbose_json",
+                                                         timestamp_granularities=["word", "segment"])
+        assert verbose.text == expected.text
+        assert [(w.word, w.start, w.end) for w in verbose.words] == [(w.text, w.start, w.end) for w in expected.words]
+        assert verbose.duration == pytest.approx(6.9, abs=0.01)
+        with open(speech, "rb") as f:
+            srt = client.audio.transcriptions.create(model=str(folder), file=f, response_format="srt")
+        assert srt.startswith("1\n00:00:") if expected.words else srt == ""
+        with open(speech, "rb") as f:
+            with pytest.raises(openai.UnprocessableEntityError, match="this server transcribes with"):
+                client.audio.transcriptions.create(model="whisper-1", file=f)
+        with open(shared_audio / "en_long_24k.wav", "rb") as f:
+            with pytest.raises(openai.APIStatusError, match="POST /v1/transcriptions") as too_long:
+                client.audio.transcriptions.create(model=str(folder), file=f)
+        assert too_long.value.status_code == 413
+
+        # The same file as a job: JSON, SRT, WebVTT and text to download.
+        with httpx.Client(base_url=url, timeout=30) as http:
+            job = http.post("/v1/transcriptions", files={"file": ("long.wav", (shared_audio / "en_long_24k.wav")
+                                                                   .read_bytes())}).json()
+            while (job := http.get(f"/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+                time.sleep(0.2)
+            assert job["state"] == "succeeded", job
+            assert [a["name"] for a in job["artifacts"]] == ["transcript.json", "transcript.srt", "transcript.vtt",
+                                                             "transcript.txt"]
+            transcript = http.get(f"/v1/jobs/{job['id']}/result").json()
+            assert transcript["duration"] == pytest.approx(16.1, abs=0.05) and "words" in transcript
+            assert http.get(f"/v1/jobs/{job['id']}/artifacts/transcript.vtt").text.startswith("WEBVTT")
+    except BaseException:
+        print(api.output())
+        raise
+    finally:
+        api.stop()

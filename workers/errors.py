@@ -29,3 +29,7 @@ class UnknownModelError(MoshiError):
 
 class UploadTooLargeError(MoshiError):
     """An upload over the size limit."""
+
+
+class JobTimeoutError(MoshiError):
+    """A synchronous request whose job did not finish in time (the job goes on)."""

@@ -51,7 +51,10 @@ PRIMARY_ARTIFACT = {
     JobKind.DIALOGUE: "audio.wav", JobKind.ENCODE: "tokens.safetensors", JobKind.DECODE: "audio.wav",
     JobKind.TRANSCRIBE: "transcript.json", JobKind.TTS: "audio.wav",
 }
-CONTENT_TYPES = {".wav": "audio/wav", ".json": "application/json", ".safetensors": "application/octet-stream"}
+CONTENT_TYPES = {
+    ".wav": "audio/wav", ".json": "application/json", ".safetensors": "application/octet-stream",
+    ".srt": "application/x-subrip", ".vtt": "text/vtt", ".txt": "text/plain; charset=utf-8",
+}
 
 
 @dataclass

@@ -11,6 +11,7 @@ from moshi_core.checkpoints import load_mimi
 from moshi_core.codec import resolve_device
 from moshi_core.mimi import MimiModel
 from moshi_core.models import MoshiModels, load_moshi, parse_dtype
+from moshi_core.stt import load_stt
 
 from .errors import UnknownModelError
 from .settings import Settings
@@ -34,12 +35,22 @@ class ModelCache:
         self._lock = threading.Lock()
         self._mimi: MimiModel | None = None
         self._moshi: dict[str, MoshiModels] = {}
+        self._stt: MoshiModels | None = None
 
     def mimi(self) -> MimiModel:
         with self._lock:
             if self._mimi is None:
                 self._mimi = load_mimi(self.settings.mimi, device=resolve_device(self.settings.device))
             return self._mimi
+
+    def stt(self) -> MoshiModels:
+        with self._lock:
+            if self._stt is None:
+                self._stt = load_stt(
+                    self.settings.stt_model, device=resolve_device(self.settings.device),
+                    dtype=parse_dtype(self.settings.dtype),
+                )
+            return self._stt
 
     def moshi(self, model: str) -> MoshiModels:
         model = check_model(self.settings, model)

@@ -14,6 +14,8 @@ from moshi_core.audio import atomic_write_bytes, load_audio, write_wav
 from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.sampling import SamplingParams
+from moshi_core.stt import Transcriber
+from moshi_core.subtitles import to_srt, to_vtt
 from moshi_core.tokens import MimiTokens, load_tokens, save_tokens
 
 from .jobs import Job, JobKind
@@ -60,8 +62,20 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
     return ["audio.wav", "stereo.wav", "transcript.json", "tokens.safetensors"]
 
 
+def transcribe(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
+    (transcript,) = Transcriber(models.stt()).transcribe([load_audio(folder / AUDIO_INPUT)], progress=progress)
+    data = {**transcript.to_dict(), "model": models.settings.stt_model}
+    atomic_write_bytes(folder / "transcript.json", json.dumps(data, ensure_ascii=False, indent=1).encode())
+    atomic_write_bytes(folder / "transcript.srt", to_srt(transcript.words).encode())
+    atomic_write_bytes(folder / "transcript.vtt", to_vtt(transcript.words).encode())
+    atomic_write_bytes(folder / "transcript.txt", (transcript.text + "\n").encode())
+    return ["transcript.json", "transcript.srt", "transcript.vtt", "transcript.txt"]
+
+
 def _given(value, default):
     return default if value is None else value
 
 
-PIPELINES: dict[JobKind, Pipeline] = {JobKind.ENCODE: encode, JobKind.DECODE: decode, JobKind.DIALOGUE: dialogue}
+PIPELINES: dict[JobKind, Pipeline] = {
+    JobKind.ENCODE: encode, JobKind.DECODE: decode, JobKind.DIALOGUE: dialogue, JobKind.TRANSCRIBE: transcribe,
+}

@@ -34,6 +34,9 @@ class Settings:
     max_upload_bytes: int = 100 * 2**20
     max_audio_seconds: float = 600.0
     job_ttl_seconds: float = 24 * 3600.0
+    # The synchronous (OpenAI-style) endpoints take inputs up to this long, and wait this long.
+    sync_max_seconds: float = 120.0
+    sync_timeout_seconds: float = 600.0
     max_attempts: int = 3  # deliveries of a job before it is given up (a job that kills its worker)
     # Redis hands an unacknowledged job to another worker after this long: it must exceed the
     # longest job, or a slow job would run twice.
@@ -77,6 +80,8 @@ class Settings:
             max_upload_bytes=int(number("MOSHI_MAX_UPLOAD_MB", 100) * 2**20),
             max_audio_seconds=number("MOSHI_MAX_AUDIO_SECONDS", 600),
             job_ttl_seconds=number("MOSHI_JOB_TTL_HOURS", 24) * 3600,
+            sync_max_seconds=number("MOSHI_SYNC_MAX_SECONDS", 120),
+            sync_timeout_seconds=number("MOSHI_SYNC_TIMEOUT_SECONDS", 600),
             max_attempts=int(number("MOSHI_MAX_ATTEMPTS", 3)),
             visibility_timeout=number("MOSHI_VISIBILITY_TIMEOUT_HOURS", 6) * 3600,
         )

@@ -1,0 +1,103 @@
+"""Transcription: a job (`POST /v1/transcriptions`) and OpenAI's `POST /v1/audio/transcriptions`.
+
+The OpenAI-shaped endpoint is synchronous for short files: it queues the same job and waits
+for it (so the API process never loads a model), then answers in the format asked for.
+"""
+
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from moshi_core.subtitles import segments
+from moshi_core.text import Word
+from workers.errors import UnknownModelError, UploadTooLargeError
+from workers.jobs import JobKind, JobState
+
+from .errors import error_response
+from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted, read_upload, upload_name
+from .schemas import JobOut
+from .service import JobService
+
+router = APIRouter(responses=ERRORS, tags=["transcription"])
+ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+
+
+def _model(jobs: JobService, model: str | None) -> str:
+    served = jobs.settings.stt_model
+    if model not in (None, "", served):
+        raise UnknownModelError(f"unknown model {model!r}: this server transcribes with {served!r}; pass that "
+                                "(or nothing) as the model")
+    return served
+
+
+@router.post("/v1/transcriptions", status_code=202, response_model=JobOut,
+             summary="Speech file -> text with word timestamps (a job: JSON, SRT, WebVTT and text artifacts)")
+def submit_transcription(
+    jobs: Service, owner: Caller, response: Response,
+    file: Annotated[UploadFile, File(description="Speech: wav, flac, ogg/opus or mp3; any rate")],
+    model: Annotated[str | None, Form(description="The STT model of GET /v1/models (default: the server's)")] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    name = upload_name(file, "audio")
+    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name)
+    submission = jobs.submit(JobKind.TRANSCRIBE, owner, {"model": _model(jobs, model)}, files, name, idempotency_key)
+    return accepted(jobs, submission.job, response, submission.replayed)
+
+
+@router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription (synchronous, short files)",
+             responses={200: {"content": {"application/json": {}, "text/plain": {}}}})
+async def openai_transcription(
+    jobs: Service, owner: Caller,
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form(description="The server's STT model (GET /v1/models)")],
+    response_format: Annotated[ResponseFormat, Form()] = "json",
+    language: Annotated[str | None, Form(description="Accepted; the model finds the language itself")] = None,
+    prompt: Annotated[str | None, Form(description="Accepted and ignored")] = None,
+    temperature: Annotated[float, Form(ge=0, le=1, description="Accepted; decoding is greedy")] = 0.0,
+    timestamp_granularities: Annotated[list[Literal["word", "segment"]] | None,
+                                       Form(alias="timestamp_granularities[]")] = None,
+):
+    name = upload_name(file, "audio")
+    data = await file.read(jobs.settings.max_upload_bytes + 1)
+    if len(data) > jobs.settings.max_upload_bytes:
+        raise UploadTooLargeError(f"{name!r} is over this server's upload limit of "
+                                  f"{jobs.settings.max_upload_bytes / 2**20:g} MB")
+    served = _model(jobs, model)
+    files, seconds = jobs.audio_input(data, name)
+    if seconds > jobs.settings.sync_max_seconds:
+        raise UploadTooLargeError(
+            f"{name!r} is {seconds:.1f} s long; this endpoint answers at once for up to "
+            f"{jobs.settings.sync_max_seconds:g} s: submit longer files as a job with POST /v1/transcriptions"
+        )
+    job = jobs.submit(JobKind.TRANSCRIBE, owner, {"model": served}, files, name).job
+    job = await jobs.wait(job.id, jobs.settings.sync_timeout_seconds)
+    if job.state is not JobState.SUCCEEDED:
+        error = job.error or {"code": "cancelled", "message": "the transcription was cancelled"}
+        return error_response(500 if error["code"] == "internal" else 422, error["code"], error["message"])
+    folder = jobs.store.folder(job.id)
+    if response_format in ("text", "srt", "vtt"):
+        suffix = {"text": "txt", "srt": "srt", "vtt": "vtt"}[response_format]
+        return PlainTextResponse((folder / f"transcript.{suffix}").read_text())
+    transcript = json.loads((folder / "transcript.json").read_text())
+    if response_format == "json":
+        return JSONResponse({"text": transcript["text"]})
+    return JSONResponse(_verbose(transcript, language, timestamp_granularities or ["segment"]))
+
+
+def _verbose(transcript: dict, language: str | None, granularities: list[str]) -> dict:
+    """OpenAI's `verbose_json`: words and/or segments with their times."""
+    words = [Word(**w) for w in transcript["words"]]
+    out = {"task": "transcribe", "language": language or "auto", "duration": transcript["duration"],
+           "text": transcript["text"]}
+    if "word" in granularities:
+        out["words"] = [{"word": w.text, "start": w.start, "end": w.end} for w in words]
+    if "segment" in granularities:
+        out["segments"] = [
+            {"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [], "temperature": 0.0,
+             "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
+            for i, s in enumerate(segments(words))
+        ]
+    return out
+
