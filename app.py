@@ -16,14 +16,15 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI
 
 from api import create_api
 from api.chat import create_chat_router
-from moshi_core.audio import load_audio, write_wav
-from moshi_core.cli import MODEL_SOURCE_HELP
+from moshi_core.audio import PcmStream, load_audio, write_wav
+from moshi_core.cli import MODEL_SOURCE_HELP, format_transcript
 from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
@@ -32,6 +33,7 @@ from moshi_core.live import LiveEngine
 from moshi_core.live_driver import LiveDriver
 from moshi_core.models import DEFAULT_LM_SOURCE
 from moshi_core.sampling import SamplingParams
+from moshi_core.stt import LiveTranscription, Transcriber
 from moshi_core.tokens import save_tokens
 from workers.models import ModelCache
 from workers.settings import Settings
@@ -91,6 +93,37 @@ def build_ui(models: ModelCache) -> gr.Blocks:
         write_wav(out, torch.cat(wav, dim=-1))
         return str(out)
 
+    def transcribe_file(audio_path: str | None, fmt: str, progress=gr.Progress()):
+        if not audio_path:
+            raise gr.Error("Upload or record some speech first.")
+        try:
+            wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
+            (transcript,) = Transcriber(models.stt()).transcribe([wav], progress=_progress_callback(progress, "transcribing"))
+        except MoshiError as exc:
+            raise gr.Error(str(exc)) from exc
+        out = _out_path(Path(audio_path).stem, "." + {"text": "txt"}.get(fmt, fmt))
+        out.write_text(format_transcript(transcript, fmt))
+        return transcript.text, [w.to_dict() for w in transcript.words], str(out)
+
+    def transcribe_live(chunk: tuple[int, np.ndarray] | None, live: tuple[LiveTranscription, PcmStream] | None):
+        """A few hundred ms of microphone audio at a time; the transcript so far."""
+        if chunk is None:
+            return (live[0].text if live else ""), live
+        rate, samples = chunk
+        try:
+            live = live or (LiveTranscription(Transcriber(models.stt())), PcmStream(rate))
+        except MoshiError as exc:
+            raise gr.Error(str(exc)) from exc
+        transcription, pcm = live
+        transcription.feed(pcm(samples))
+        return transcription.text, live
+
+    def finish_live(live: tuple[LiveTranscription, PcmStream] | None):
+        if live is None:
+            return "", None
+        live[0].finish()
+        return live[0].text, None
+
     with gr.Blocks(title="Moshi serving stack") as ui:
         gr.Markdown(
             "# Moshi\n"
@@ -115,6 +148,27 @@ def build_ui(models: ModelCache) -> gr.Blocks:
             words_out = gr.JSON(label="Words with timestamps (s)")
             talk.click(dialogue, [user_in, seed, temp_text, temp_audio, greedy],
                        [voice_out, both_out, text_out, words_out], api_name="dialogue")
+        with gr.Tab("Transcribe"):
+            gr.Markdown(f"Speech to text with `{settings.stt_model}`: a file, or your microphone live.")
+            with gr.Row():
+                with gr.Column():
+                    stt_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech file")
+                    stt_format = gr.Radio(["text", "srt", "vtt", "json"], value="srt", label="Download as")
+                    stt_button = gr.Button("Transcribe", variant="primary")
+                with gr.Column():
+                    stt_text = gr.Textbox(label="Transcript", lines=4)
+                    stt_words = gr.JSON(label="Words with timestamps (s)")
+                    stt_file = gr.File(label="Transcript file")
+            stt_button.click(transcribe_file, [stt_in, stt_format], [stt_text, stt_words, stt_file],
+                             api_name="transcribe")
+            gr.Markdown("**Live**: press record and speak; words appear as they are recognised, the "
+                        "model's delay behind you (0.5 s for stt-1b-en_fr, 2.5 s for stt-2.6b-en).")
+            mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="Microphone")
+            live_text = gr.Textbox(label="Live transcript", lines=4)
+            live_state = gr.State(None)
+            mic.stream(transcribe_live, [mic, live_state], [live_text, live_state], stream_every=0.25,
+                       time_limit=settings.max_audio_seconds)
+            mic.stop_recording(finish_live, live_state, [live_text, live_state])
         with gr.Tab("Audio → Mimi tokens"):
             audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech")
             codebooks = gr.Slider(1, 32, value=8, step=1, label="Codebooks (8 is what Moshi uses; 32 sounds best)")
@@ -177,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = dataclasses.replace(env, models=tuple(dict.fromkeys([args.model, *env.models[1:]])), mimi=args.mimi,
                                    device=args.device, dtype=args.dtype)
     app = create_app(settings, args.live_slots, args.live_max_seconds)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Open streams (a Gradio client, a websocket) must not keep a stopping server up forever.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         app = create_api()
     except MoshiError as exc:
         parser.error(str(exc))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Open streams (a Gradio client, a websocket) must not keep a stopping server up forever.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,23 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None, label: 
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
 
 
+class PcmStream:
+    """Raw PCM chunks as a browser or sound card gives them ([T] or [T, C], int16 or float, at
+    `rate`) -> [1, T] float32 mono at 24 kHz; one resampler for the whole stream, so chunk
+    edges leave no clicks."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32") if rate != SAMPLE_RATE else None
+
+    def __call__(self, samples: np.ndarray) -> torch.Tensor:
+        data = samples.astype(np.float32) / 32768.0 if samples.dtype == np.int16 else samples.astype(np.float32)
+        mono = np.ascontiguousarray(data.mean(axis=1) if data.ndim == 2 else data, dtype=np.float32)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono)
+        return torch.from_numpy(np.ascontiguousarray(mono)).unsqueeze(0)
+
+
 def pad_batch(wavs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """Waveforms [1, T_i] -> one zero-padded batch [B, 1, max T_i] and the true lengths."""
     lengths = [w.shape[-1] for w in wavs]

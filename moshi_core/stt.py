@@ -120,7 +120,7 @@ class WordSegmenter:
     @property
     def pending(self) -> str:
         """The text of the word being recognised, for live display."""
-        return self.tokenizer.decode([token for _, token in self._pieces])
+        return "" if self._flushed else self.tokenizer.decode([token for _, token in self._pieces])
 
 
 @dataclass
@@ -239,3 +239,39 @@ class Transcriber:
                 on_words(i, words[before:])
             transcripts.append(Transcript(words=words, tokens=steps[i], duration=lengths[i] / self.mimi.sample_rate))
         return transcripts
+
+
+class LiveTranscription:
+    """One live stream: 24 kHz audio in chunks of any length, words out as they are recognised."""
+
+    def __init__(self, transcriber: Transcriber) -> None:
+        self.transcriber = transcriber
+        self.state = transcriber.init_state(1)
+        self.words: list[Word] = []
+        self._buffer = transcriber.silence(transcriber.prefix_frames)[0]  # [1, T]
+
+    def feed(self, pcm: torch.Tensor) -> list[Word]:
+        """pcm [1, T] (mono, 24 kHz): the words this audio completes."""
+        t = self.transcriber
+        self._buffer = torch.cat([self._buffer, pcm.to(self._buffer)], dim=-1)
+        new: list[Word] = []
+        while self._buffer.shape[-1] >= t.frame_size:
+            frame, self._buffer = self._buffer[:, : t.frame_size], self._buffer[:, t.frame_size :]
+            for words in t.step(frame[None], self.state).words:
+                new += words
+        self.words += new
+        return new
+
+    def finish(self) -> list[Word]:
+        """The end of the stream: the silence the model needs to catch up, then the last word."""
+        new = self.feed(self.transcriber.silence(self.transcriber.tail_frames)[0])
+        segmenter = self.state.words[0]
+        before = len(segmenter.words)
+        last = segmenter.flush()[before:]
+        self.words += last
+        return new + last
+
+    @property
+    def text(self) -> str:
+        pending = self.state.words[0].pending
+        return " ".join([w.text for w in self.words] + ([pending] if pending else []))

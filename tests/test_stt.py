@@ -252,3 +252,43 @@ def test_transcription_job_and_openai_endpoint(stt_factory, shared_audio, tmp_pa
         raise
     finally:
         api.stop()
+
+
+def test_live_transcription_in_odd_chunks_equals_the_file(stt_factory, shared_audio):
+    import numpy as np
+
+    from moshi_core.audio import PcmStream
+    from moshi_core.stt import LiveTranscription
+
+    _, _, _, models = stt_factory("stt-1b-en_fr")
+    transcriber = Transcriber(models)
+    wav = load_audio(shared_audio / "en_question_24k.wav")
+    (offline,) = transcriber.transcribe([wav])
+    live, pcm = LiveTranscription(transcriber), PcmStream(24000)
+    int16 = (wav[0].numpy() * 32767).round().astype(np.int16)  # what a browser sends
+    heard, start = [], 0
+    for size in [700, 5000, 1920, 13, 9000] * 100:
+        if start >= len(int16):
+            break
+        heard += live.feed(pcm(int16[start : start + size]))
+        start += size
+    heard += live.finish()
+    assert heard == live.words
+    assert live.text == offline.text  # int16 rounding did not change a greedy token here
+    assert live.words == offline.words
+
+
+def test_transcribe_tab(stt_factory, mimi_checkpoint, tiny_moshi, shared_audio):
+    from gradio_client import Client, handle_file
+
+    from app_server import serve_app
+
+    _, folder, _, models = stt_factory("stt-1b-en_fr")
+    (expected,) = Transcriber(models).transcribe([load_audio(shared_audio / "en_question_24k.wav")])
+    with serve_app(mimi_checkpoint, tiny_moshi, MOSHI_STT_MODEL=str(folder)) as url:
+        client = Client(url, verbose=False)
+        text, words, path = client.predict(handle_file(str(shared_audio / "en_question_24k.wav")), "vtt",
+                                           api_name="/transcribe")
+    assert text == expected.text
+    assert words == [w.to_dict() for w in expected.words]
+    assert open(path).read().startswith("WEBVTT")
