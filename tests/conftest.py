@@ -45,26 +45,12 @@ def ref_mimi(mimi_checkpoint: Path):
     return load_reference_mimi(mimi_checkpoint)
 
 
-TEST_SENTENCES = (
-    "hello how are you doing today",
-    "i am fine thank you very much",
-    "what is the weather like in paris",
-    "bonjour comment allez vous",
-)
-
-
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small SentencePiece model with Moshi's special ids (unk 0, eos 2, pad 3)."""
-    import sentencepiece
+    from oracle import write_test_tokenizer
 
-    path = tmp_path_factory.mktemp("spm") / "tokenizer_spm_test.model"
-    with open(path, "wb") as f:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(TEST_SENTENCES * 20), model_writer=f, vocab_size=64, model_type="bpe",
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
-        )
-    return path
+    return write_test_tokenizer(tmp_path_factory.mktemp("spm") / "tokenizer_spm_test.model")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ same Mimi codes, one step at a time, with the same silence around the speech.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,48 +18,7 @@ from moshi_core.audio import load_audio
 from moshi_core.errors import ModelSourceError
 from moshi_core.stt import Transcriber, load_stt
 from moshi_core.text import Word
-
-# The HF configs (reference 11.4, 11.5), scaled down to 2 layers of width 256 (heads, context,
-# RoPE period, norms, gating and heads as released), with our test tokenizer's 64 pieces.
-STT_BASE = dict(
-    card=2048, n_q=32, dep_q=0, delays=[0] * 33, dim=256, text_card=64, existing_text_padding_id=3,
-    hidden_scale=4.125, causal=True, layer_scale=None, max_period=100000.0, gating="silu", norm="rms_norm_f32",
-    positional_embedding="rope", depformer_dim=1024, depformer_num_heads=16, depformer_num_layers=6,
-    depformer_dim_feedforward=None, depformer_multi_linear=True, depformer_pos_emb="none",
-    depformer_weights_per_step=True, num_layers=2,
-)
-STT_CONFIGS = {
-    # The candle repo's config: the 1B with its 4 voice-activity heads.
-    "stt-1b-en_fr": dict(STT_BASE, num_heads=16, context=750, extra_heads_num_heads=4, extra_heads_dim=6),
-    "stt-2.6b-en": dict(STT_BASE, num_heads=32, context=375),
-}
-STT_EXTRA = {
-    "stt-1b-en_fr": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
-    "stt-2.6b-en": {"audio_delay_seconds": 2.5, "audio_silence_prefix_seconds": 1.0},
-}
-
-
-def write_stt_folder(folder, name, mimi_checkpoint, tokenizer_model):
-    """A folder laid out like `kyutai/<name>`; returns the reference LMModel of its weights."""
-    from oracle import official_state_dict, random_reference_lm
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lm_kwargs = STT_CONFIGS[name]
-    config = dict(lm_kwargs, conditioners={}, cross_attention=False, model_id={"sig": "0123abcd", "epoch": 100},
-                  lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50},
-                  stt_config=STT_EXTRA[name], model_type="stt", mimi_name="mimi-pytorch-e351c8d8@125.safetensors",
-                  tokenizer_name="tokenizer_en_fr_audio_8000.model")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    reference = random_reference_lm(lm_kwargs, seed=1)
-    with torch.no_grad():
-        # A larger end-of-padding row makes random weights write word boundaries now and then.
-        reference.text_linear.weight[0] *= 2.5
-    save_file(official_state_dict(reference), str(folder / "model.safetensors"))
-    os.symlink(mimi_checkpoint, folder / "mimi-pytorch-e351c8d8@125.safetensors")
-    shutil.copy(tokenizer_model, folder / "tokenizer_en_fr_audio_8000.model")
-    return reference
-
+from oracle import STT_CONFIGS, write_stt_folder
 
 @pytest.fixture(scope="module")
 def stt_factory(tmp_path_factory, mimi_checkpoint, tokenizer_model):
