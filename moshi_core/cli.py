@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                      help="model weights and compute (default: %(default)s)")
     stt.add_argument("-q", "--quiet", action="store_true", help="print neither progress nor words as they come")
+
+    from .tts_cli import add_tts_parser
+
+    add_tts_parser(sub, MODEL_SOURCE_HELP)
     return parser
 
 
@@ -277,8 +281,10 @@ def _models(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .tts_cli import run_tts
+
         commands = {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "transcribe": _transcribe,
-                    "models": _models}
+                    "models": _models, "tts": run_tts}
         commands[args.command](args)
     except MoshiError as exc:
         print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)

@@ -104,7 +104,7 @@ class ConditionProvider(nn.Module):
         self.conditioners = nn.ModuleDict({name: make_conditioner(output_dim, s) for name, s in specs.items()})
 
     def lut(self, name: str) -> LUTConditioner | None:
-        conditioner = self.conditioners[name] if name in self.conditioners else None
+        conditioner = self.conditioners[name] if name in self.conditioners else None  # noqa: SIM401 (ModuleDict has no get)
         return conditioner if isinstance(conditioner, LUTConditioner) else None
 
     def embed(self, values: dict[str, Any]) -> dict[str, torch.Tensor]:

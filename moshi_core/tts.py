@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from .conditioners import fuse
 from .errors import CheckpointError, InvalidParameterError, ModelSourceError
+from .hub import parse_source
 from .lm import ZERO_TOKEN, LMModel
 from .mimi import MimiModel
 from .models import _read_config, load_moshi
-from .hub import parse_source
 from .sampling import SamplingParams, SlotSampling
 from .text import TextTokenizer, Word
 from .tts_script import PAD, FeedState, TextFeeder, script_to_words
@@ -154,10 +155,36 @@ def load_tts(
     models = load_moshi(source, device=device, dtype=dtype, revision=revision)
     if models.lm.cfg.n_q != models.lm.cfg.dep_q:
         raise CheckpointError(f"{source}: a TTS model generates all its audio streams (n_q == dep_q)")
+    return TTSModel(models.lm, models.mimi, models.tokenizer, tts_config, _voice_repo(config, voices), str(source))
+
+
+@dataclass(frozen=True)
+class TTSInfo:
+    """What a server checks requests against, from the model's config.json alone."""
+
+    voices: VoiceRepo
+    cfg_values: list[float]  # the distilled CFG strengths ([]: the model has none)
+
+    def check_cfg(self, coef: float) -> None:
+        if (self.cfg_values or [1.0]).count(coef) == 0:
+            shown = ", ".join(f"{v:.1f}" for v in self.cfg_values or [1.0])
+            raise InvalidParameterError(f"cfg_coef {coef} is not supported by this model (one of {shown})")
+
+
+def describe_tts(source: str | os.PathLike = DEFAULT_TTS_SOURCE, voices: str | os.PathLike = DEFAULT_VOICE_REPO,
+                 revision: str | None = None) -> TTSInfo:
+    """The voices and CFG values of a TTS model, without loading its weights."""
+    config = _read_config(parse_source(source, revision), revision)
+    lut = ((config.get("conditioners") or {}).get("cfg") or {}).get("lut") or {}
+    values = sorted(float(v) for v in lut.get("possible_values") or [])
+    return TTSInfo(_voice_repo(config, voices), values)
+
+
+def _voice_repo(config: dict[str, Any], voices: str | os.PathLike) -> VoiceRepo:
+    # Voice files carry the model's signature: `<voice>.<sig>@<epoch>.safetensors`.
     model_id = config.get("model_id") or {}
     suffix = f".{model_id['sig']}@{model_id['epoch']}.safetensors" if model_id else ".safetensors"
-    return TTSModel(models.lm, models.mimi, models.tokenizer, tts_config, VoiceRepo(os.fspath(voices), suffix),
-                    str(source))
+    return VoiceRepo(os.fspath(voices), suffix)
 
 
 # -- generation ------------------------------------------------------------------------------
@@ -190,6 +217,11 @@ class TTSSession:
     def __init__(self, model: TTSModel, requests: list[TTSRequest]) -> None:
         if not requests:
             raise InvalidParameterError("nothing to synthesize")
+        # Distilled CFG only: classic CFG (a second, unconditioned batch) is not run, as Kyutai
+        # refuses it for these models.
+        info = TTSInfo(model.voices, model.cfg_values)
+        for r in requests:
+            info.check_cfg(r.params.cfg_coef)
         self.model, self.requests = model, requests
         lm, B = model.lm, len(requests)
         self.feeders = [model.feeder(r.params) for r in requests]
@@ -213,9 +245,7 @@ class TTSSession:
 
     def _set_conditions(self) -> torch.Tensor | None:
         """Embed voices and settings; set the cross-attention source; return the summed part."""
-        from .conditioners import fuse
-
-        model, lm = self.model, self.model.lm
+        lm = self.model.lm
         provider = lm.condition_provider
         if provider is None:
             return None
@@ -224,26 +254,17 @@ class TTSSession:
             if name == "speaker_wavs":
                 values[name] = self._voices(conditioner.dim)
             elif name == "cfg":
-                values[name] = [self._cfg_value(r.params.cfg_coef) for r in self.requests]
+                values[name] = [format(r.params.cfg_coef, ".1f") for r in self.requests]
             elif name == "control":
                 values[name] = ["ok"] * len(self.requests)  # the only value Kyutai's model knows
             else:
                 raise CheckpointError(f"the TTS model's condition {name!r} is not supported")
-        if model.cfg_values == [] and any(r.params.cfg_coef != 1.0 for r in self.requests):
-            raise InvalidParameterError("this model has no distilled CFG: cfg_coef must be 1.0")
         with torch.no_grad():
             conditions = provider.embed(values)
             total, cross = fuse(lm.fuser, conditions)
             if cross is not None:
                 lm.transformer.set_cross_source(self.cache, cross.to(lm.dtype))
         return total.to(lm.dtype) if total is not None else None
-
-    def _cfg_value(self, coef: float) -> str:
-        valid = self.model.cfg_values
-        if coef not in valid:
-            shown = ", ".join(f"{v:.1f}" for v in valid)
-            raise InvalidParameterError(f"cfg_coef {coef} is not supported by this model (one of {shown})")
-        return format(coef, ".1f")
 
     def _voices(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each request's voice -> [B, speakers * T, dim] and its mask [B, speakers * T]."""

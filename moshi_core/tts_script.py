@@ -19,8 +19,9 @@ Rules, from Kyutai's model card and reference (reference 7.2):
 
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 NEW_WORD = 0
 PAD = 3
@@ -51,33 +52,39 @@ def script_to_words(tokenizer: Encoder, turns: Sequence[str], frame_rate: float 
     words: list[ScriptWord] = []
     last_speaker: int | None = None
     for turn_index, line in enumerate(turns):
+        speaker = turn_index % len(SPEAKER_TOKENS)
         first_in_turn = True
-
-        def add(word: str) -> None:
-            nonlocal first_in_turn, last_speaker
-            tokens = tokenizer.encode(word)
-            speaker = turn_index % len(SPEAKER_TOKENS)
+        for piece, pause in _split(line):
+            if pause is not None:
+                words.append(ScriptWord([], "", round(pause * frame_rate)))
+                continue
+            tokens = tokenizer.encode(piece)
             if first_in_turn and multi_speaker and speaker != last_speaker:
                 tokens.insert(0, SPEAKER_TOKENS[speaker])
                 last_speaker = speaker
             first_in_turn = False
             padding = max(0, padding_between + len(tokens) - 1) if padding_between > 0 else 0
-            words.append(ScriptWord(tokens, word, padding))
-
-        for old, new in REPLACEMENTS:
-            line = line.replace(old, new)
-        while line:
-            match = BREAK_OR_SPACE.search(line)
-            if match is None:
-                break
-            word, line = line[: match.start()], line[match.end():]
-            if word:
-                add(word)
-            if match.group(1):
-                words.append(ScriptWord([], "", int(round(float(match.group(1)) * frame_rate))))
-        if line:
-            add(line)
+            words.append(ScriptWord(tokens, piece, padding))
     return words
+
+
+def _split(line: str) -> list[tuple[str, float | None]]:
+    """A line -> its words (word, None) and pauses ("", seconds), in order."""
+    for old, new in REPLACEMENTS:
+        line = line.replace(old, new)
+    out: list[tuple[str, float | None]] = []
+    while line:
+        match = BREAK_OR_SPACE.search(line)
+        if match is None:
+            break
+        word, line = line[: match.start()], line[match.end():]
+        if word:
+            out.append((word, None))
+        if match.group(1):
+            out.append(("", float(match.group(1))))
+    if line:
+        out.append((line, None))
+    return out
 
 
 @dataclass

@@ -7,7 +7,6 @@ from them must match to float32 rounding.
 
 import pytest
 import torch
-
 from tts_oracle import SUFFIX, VOICES, reference_tts, tiny_tts  # noqa: F401 (fixture)
 
 TEXTS = ("hello how are you", "bonjour: <break time=\"0.3s\"/> paris")
@@ -35,7 +34,7 @@ def run_ours(folder, voices, texts, names):
 
 
 @pytest.fixture(scope="module")
-def both(tiny_tts):
+def both(tiny_tts):  # noqa: F811
     folder, voices = tiny_tts
     names = list(VOICES)
     ref = reference_tts(folder, voices, max_padding=MAX_PADDING)
@@ -43,7 +42,7 @@ def both(tiny_tts):
 
 
 def test_greedy_tokens_and_word_steps_match_the_reference(both):
-    ref, result, (session, _) = both
+    _, result, (session, _) = both
     ref_frames = torch.cat(result.frames, dim=-1)  # [B, 1 + 32, T]
     ours = torch.stack(session.frames, dim=-1)
     assert ours.shape == ref_frames.shape

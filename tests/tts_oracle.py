@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from oracle import official_state_dict
+from safetensors.torch import save_file
 
 SIG, EPOCH = "1e68beda", 240
 SUFFIX = f".{SIG}@{EPOCH}.safetensors"
