@@ -17,6 +17,7 @@ from workers.settings import Settings
 from .errors import error_response, install_error_handlers
 from .routes import router
 from .transcription import router as transcription_router
+from .speech import router as speech_router
 from .service import JobService
 
 log = logging.getLogger("moshi.api")
@@ -99,4 +100,5 @@ def create_api(settings: Settings | None = None, models: ModelCache | None = Non
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     app.include_router(router)
     app.include_router(transcription_router)
+    app.include_router(speech_router)
     return app

@@ -12,6 +12,7 @@ from moshi_core.codec import resolve_device
 from moshi_core.mimi import MimiModel
 from moshi_core.models import MoshiModels, load_moshi, parse_dtype
 from moshi_core.stt import load_stt
+from moshi_core.tts import TTSModel, load_tts
 
 from .errors import UnknownModelError
 from .settings import Settings
@@ -36,6 +37,7 @@ class ModelCache:
         self._mimi: MimiModel | None = None
         self._moshi: dict[str, MoshiModels] = {}
         self._stt: MoshiModels | None = None
+        self._tts: TTSModel | None = None
 
     def mimi(self) -> MimiModel:
         with self._lock:
@@ -51,6 +53,15 @@ class ModelCache:
                     dtype=parse_dtype(self.settings.dtype),
                 )
             return self._stt
+
+    def tts(self) -> TTSModel:
+        with self._lock:
+            if self._tts is None:
+                self._tts = load_tts(
+                    self.settings.tts_model, voices=self.settings.tts_voices,
+                    device=resolve_device(self.settings.device), dtype=parse_dtype(self.settings.dtype),
+                )
+            return self._tts
 
     def moshi(self, model: str) -> MoshiModels:
         model = check_model(self.settings, model)

@@ -10,13 +10,17 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from moshi_core.audio import atomic_write_bytes, load_audio, write_wav
+import torch
+
+from moshi_core.audio import SAMPLE_RATE, atomic_write_bytes, load_audio, write_wav
+from moshi_core.audio_stream import pcm16_bytes
 from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import Transcriber
 from moshi_core.subtitles import to_srt, to_vtt
 from moshi_core.tokens import MimiTokens, load_tokens, save_tokens
+from moshi_core.tts import TTSParams, TTSRequest, TTSSession
 
 from .jobs import Job, JobKind
 from .models import ModelCache
@@ -26,6 +30,8 @@ Pipeline = Callable[[Job, Path, ModelCache, Progress], list[str]]
 
 AUDIO_INPUT = "input.wav"  # the upload, decoded to 24 kHz mono float32 by the API
 TOKENS_INPUT = "input.safetensors"  # a token file the API has read and checked
+TEXT_INPUT = "input.txt"  # the text of a TTS job (UTF-8), never sent through the broker
+TTS_STREAM = "audio.pcm"  # a TTS job's audio as it is made (s16le, 24 kHz mono), read by /v1/audio/speech
 
 
 def encode(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
@@ -72,10 +78,33 @@ def transcribe(job: Job, folder: Path, models: ModelCache, progress: Progress) -
     return ["transcript.json", "transcript.srt", "transcript.vtt", "transcript.txt"]
 
 
+def tts(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
+    p = job.params
+    text = (folder / TEXT_INPUT).read_text(encoding="utf-8")
+    params = TTSParams(temp=p["temp"], cfg_coef=p["cfg_coef"], seed=p["seed"])
+    session = TTSSession(models.tts(), [TTSRequest(text, p["voice"], params)])
+    expected = 30 + 4 * len(text.split())  # steps, roughly: for progress only
+    pieces = []
+    # Appended frame by frame (a rerun starts it afresh), so a reader can stream it while it grows.
+    with open(folder / TTS_STREAM, "wb") as stream:
+        for chunk in session.stream(lambda step: progress(step, max(expected, step + 1))):
+            pieces.append(chunk.pcm)
+            stream.write(pcm16_bytes(chunk.pcm))
+            stream.flush()
+    audio = torch.cat(pieces)
+    write_wav(folder / "audio.wav", audio[None])
+    transcript = {"text": " ".join(text.split()), "words": [w.to_dict() for w in session.words(0)],
+                  "duration": audio.shape[-1] / SAMPLE_RATE, "model": models.settings.tts_model,
+                  "voice": p["voice"], "seed": p["seed"]}
+    atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
+    return ["audio.wav", "transcript.json"]
+
+
 def _given(value, default):
     return default if value is None else value
 
 
 PIPELINES: dict[JobKind, Pipeline] = {
     JobKind.ENCODE: encode, JobKind.DECODE: decode, JobKind.DIALOGUE: dialogue, JobKind.TRANSCRIBE: transcribe,
+    JobKind.TTS: tts,
 }

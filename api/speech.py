@@ -1,0 +1,174 @@
+"""Text-to-speech: a job (`POST /v1/tts`), OpenAI's `POST /v1/audio/speech`, and the voices.
+
+Both endpoints run a TTS job, so the API process never loads the model. The worker appends
+the audio to the job folder's `audio.pcm` frame by frame; `/v1/audio/speech` streams that
+file to the client while it grows, so the first audio leaves before the text is all said.
+The text travels in the job folder (`input.txt`), never through the broker.
+"""
+
+import asyncio
+import functools
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from moshi_core.audio_stream import StreamEncoder
+from moshi_core.errors import InvalidParameterError
+from moshi_core.tts import TTSInfo, TTSParams, describe_tts
+from moshi_core.voices import DEFAULT_VOICE
+from workers.errors import UnknownModelError
+from workers.jobs import Job, JobKind, JobState
+from workers.pipelines import TEXT_INPUT, TTS_STREAM
+
+from .errors import error_response
+from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted
+from .schemas import JobOut
+from .service import JobService
+
+router = APIRouter(responses=ERRORS, tags=["speech"])
+MAX_JOB_CHARS = 50_000
+MAX_OPENAI_CHARS = 4096  # OpenAI's own limit for `input`
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as names of the server's model
+POLL_SECONDS = 0.02
+
+
+class TTSIn(BaseModel):
+    text: str = Field(min_length=1, max_length=MAX_JOB_CHARS, description='What to say; <break time="1s"/> pauses')
+    voice: str | None = Field(None, description=f"A voice of GET /v1/voices (default: {DEFAULT_VOICE})")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Fixes the sampling (default: random, reported)")
+    temperature: float = Field(0.6, ge=0, le=2, description="Sampling temperature (0: greedy)")
+    cfg_coef: float = Field(2.0, ge=1, le=4, description="Guidance the model was distilled with: 1.0 to 4.0 by 0.5")
+
+
+class SpeechIn(BaseModel):
+    """OpenAI's `audio.speech.create` body."""
+
+    model: str
+    input: str = Field(min_length=1, max_length=MAX_OPENAI_CHARS)
+    voice: str = Field(description="A voice of GET /v1/voices")
+    response_format: Literal["wav", "pcm", "flac", "opus", "mp3", "aac"] = "wav"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = Field(None, description="Accepted and ignored: the voice file sets the style")
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+class VoicesOut(BaseModel):
+    voices: list[str]
+    default: str
+    repo: str
+
+
+@functools.lru_cache(maxsize=4)
+def _info(model: str, voices: str) -> TTSInfo:
+    return describe_tts(model, voices)
+
+
+def _check_model(jobs: JobService, model: str | None) -> str:
+    served = jobs.settings.tts_model
+    if model not in (None, "", served, *OPENAI_MODELS):
+        raise UnknownModelError(f"unknown model {model!r}: this server speaks with {served!r}; pass that "
+                                f"(or one of {', '.join(OPENAI_MODELS)}) as the model")
+    return served
+
+
+async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, seed: int | None,
+                   temperature: float, cfg_coef: float, idempotency_key: str | None = None):
+    s = jobs.settings
+    text = " ".join(text.split())
+    if not text:
+        raise InvalidParameterError("the text is empty")
+    voice = voice or DEFAULT_VOICE
+    TTSParams(temp=temperature, cfg_coef=cfg_coef)  # bounds, before anything is queued
+    # Refused now, not by the worker once the answer has started.
+    info = await asyncio.to_thread(_info, s.tts_model, s.tts_voices)
+    info.check_cfg(cfg_coef)
+    await asyncio.to_thread(info.voices.path, voice)
+    params = {"model": s.tts_model, "voice": voice, "temp": temperature, "cfg_coef": cfg_coef,
+              "seed": secrets.randbelow(2**31) if seed is None else seed}
+    fingerprint = dict(params, seed=seed)
+    return jobs.submit(JobKind.TTS, owner, params, {TEXT_INPUT: text.encode()}, "speech", idempotency_key,
+                       fingerprint_params=fingerprint)
+
+
+@router.post("/v1/tts", status_code=202, response_model=JobOut,
+             summary="Text -> speech as a job (artifacts: audio.wav, transcript.json with word times)")
+async def submit_tts(jobs: Service, owner: Caller, response: Response, body: Annotated[TTSIn, Body()],
+                     idempotency_key: IdempotencyKey = None) -> JobOut:
+    submission = await _tts_job(jobs, owner, body.text, body.voice, body.seed, body.temperature, body.cfg_coef,
+                                idempotency_key)
+    return accepted(jobs, submission.job, response, submission.replayed)
+
+
+@router.post("/v1/audio/speech", summary="OpenAI-compatible speech, streamed as it is generated",
+             responses={200: {"content": {t: {} for t in ("audio/wav", "audio/pcm", "audio/ogg", "audio/flac")}}})
+async def openai_speech(jobs: Service, owner: Caller, body: Annotated[SpeechIn, Body()]):
+    _check_model(jobs, body.model)
+    if body.response_format in ("mp3", "aac"):
+        raise InvalidParameterError(f"response_format {body.response_format!r} is not offered: use wav, pcm "
+                                    "(16-bit 24 kHz mono), flac or opus")
+    if body.speed != 1.0:
+        raise InvalidParameterError("speed is not adjustable with this model: leave it at 1.0")
+    if body.stream_format != "audio":
+        raise InvalidParameterError("stream_format 'sse' is not offered: the audio itself is streamed")
+    job = (await _tts_job(jobs, owner, body.input, body.voice, None, 0.6, 2.0)).job
+    encoder = StreamEncoder(body.response_format)
+    # Hold the answer until the first audio (or the job's end): a failure before any audio
+    # still gets a proper error status.
+    job = await _wait_for_audio(jobs, job.id)
+    if job.state in (JobState.FAILED, JobState.CANCELLED):
+        error = job.error or {"code": "cancelled", "message": "the speech job was cancelled"}
+        return error_response(500 if error["code"] == "internal" else 422, error["code"], error["message"])
+    return StreamingResponse(_stream(jobs, job, owner, encoder), media_type=encoder.media_type,
+                             headers={"X-Job-Id": job.id})
+
+
+async def _wait_for_audio(jobs: JobService, job_id: str) -> Job:
+    path = jobs.store.folder(job_id) / TTS_STREAM
+    deadline = asyncio.get_running_loop().time() + jobs.settings.sync_timeout_seconds
+    while True:
+        job = jobs.store.get(job_id)
+        if job.state.finished or (path.exists() and path.stat().st_size > 0):
+            return job
+        if asyncio.get_running_loop().time() > deadline:
+            return job
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _stream(jobs: JobService, job: Job, owner: str, encoder: StreamEncoder) -> AsyncIterator[bytes]:
+    """The growing audio file, encoded, until the job ends; a client that leaves cancels it."""
+    path = jobs.store.folder(job.id) / TTS_STREAM
+    offset, finished = 0, False
+    try:
+        yield encoder.start()
+        while True:
+            finished = jobs.store.get(job.id).state.finished  # before reading: then nothing is missed
+            data = await asyncio.to_thread(_read_from, path, offset)
+            data = data[: len(data) // 2 * 2]  # whole 16-bit samples only
+            offset += len(data)
+            if data and (out := encoder.add(data)):
+                yield out
+            if finished:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        yield encoder.finish()
+    finally:
+        if not finished:
+            jobs.cancel(job.id, owner)
+
+
+def _read_from(path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+@router.get("/v1/voices", response_model=VoicesOut, summary="The voices /v1/tts and /v1/audio/speech take")
+async def list_voices(jobs: Service) -> VoicesOut:
+    s = jobs.settings
+    info = await asyncio.to_thread(_info, s.tts_model, s.tts_voices)
+    names = await asyncio.to_thread(info.voices.names)
+    return VoicesOut(voices=names, default=DEFAULT_VOICE, repo=s.tts_voices)
