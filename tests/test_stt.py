@@ -74,21 +74,23 @@ def test_greedy_tokens_heads_and_words_equal_the_reference(stt, shared_audio):
 
     name, _, reference, models = stt
     transcriber = Transcriber(models)
-    # A batch of two lengths: the first 3 s of a question, and a short clip.
-    speech = [load_audio(shared_audio / "en_question_24k.wav")[:, : 3 * 24000], load_audio(shared_audio / "en_short_16k.wav")]
+    # Every shared speech file (their first 3 s: 16 kHz, 44.1 kHz stereo, mp3 included) in one batch.
+    files = sorted(p for p in shared_audio.iterdir() if p.suffix in (".wav", ".mp3"))
+    speech = [load_audio(f)[:, : 3 * 24000] for f in files]
+    assert len(speech) >= 5
     ours = transcriber.transcribe(speech)
 
     # The same padded input, encoded by our Mimi (proven equal to the reference's elsewhere).
     frames = -(-max(w.shape[-1] for w in speech) // 1920)
     total = transcriber.prefix_frames + frames + transcriber.tail_frames
-    batch = torch.zeros(2, 1, total * 1920)
+    batch = torch.zeros(len(speech), 1, total * 1920)
     for i, w in enumerate(speech):
         batch[i, :, transcriber.prefix_frames * 1920 :][..., : w.shape[-1]] = w
     with torch.inference_mode():
         codes = models.mimi.encode(batch, 32)
     lm_gen = LMGen(reference, use_sampling=False, temp=0.0, temp_text=0.0)
     ref_tokens, ref_heads = [], []
-    with torch.no_grad(), lm_gen.streaming(2):
+    with torch.no_grad(), lm_gen.streaming(len(speech)):
         for t in range(total):
             out, heads = lm_gen.step_with_extra_heads(codes[..., t : t + 1])
             ref_tokens.append(out[:, 0, 0])
@@ -104,7 +106,7 @@ def test_greedy_tokens_heads_and_words_equal_the_reference(stt, shared_audio):
     assert any(t.words for t in ours), "the test should exercise word boundaries"
 
     if name == "stt-1b-en_fr":  # the voice-activity heads
-        state = transcriber.init_state(2)
+        state = transcriber.init_state(len(speech))
         pause = []
         for t in range(total):
             pause.append(transcriber._step_codes(codes[..., t : t + 1], state).pause)
