@@ -150,7 +150,38 @@ _KERNEL_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-// y[m, o] = sum_b scale[o, b] * sum_j q[o, 32 b + j] * x[m, 32 b + j], in float32.
+// R weight rows against one activation row: y[r] = sum_b scale[r, b] * <q[r, block b], x[block b]>,
+// in float32. Each 32-weight block is four 8-wide int8 -> float32 conversions and FMAs, then one
+// FMA with the block's scale; the R rows share the activation loads.
+template <int R>
+static inline void dot_rows(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y) {
+  const int64_t NB = K / 32;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    const float* xb = x + b * 32;
+    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+    const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* blk = q + r * K + b * 32;
+      _mm_prefetch((const char*)(blk + 768), _MM_HINT_T0);
+      auto w = [&](int i) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * i)))); };
+      __m256 d = _mm256_mul_ps(w(0), x0);
+      d = _mm256_fmadd_ps(w(1), x1, d);
+      d = _mm256_fmadd_ps(w(2), x2, d);
+      d = _mm256_fmadd_ps(w(3), x3, d);
+      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(_cvtsh_ss(s[r * NB + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    y[r] = _mm_cvtss_f32(v);
+  }
+}
+
+// y[m, o] = sum_k x[m, k] W[o, k], W in Q8_0; tiles of 4 rows split over the threads.
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
   auto xf = x.contiguous().to(torch::kFloat32);
   const int64_t M = xf.size(0), K = xf.size(1), O = q.size(0), NB = K / 32;
@@ -159,26 +190,13 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   auto y = torch::empty({M, O}, xf.options());
   const float* xp = xf.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const int8_t* row = qp + o * K;
-      const at::Half* srow = sp + o * NB;
+  at::parallel_for(0, (O + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * 4; o < std::min(end * 4, O); o += 4) {
       for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t b = 0; b < NB; ++b) {
-          const int8_t* blk = row + b * 32;
-          _mm_prefetch((const char*)(blk + 1024), _MM_HINT_T0);
-          __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)blk)));
-          __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 16))));
-          // One block's dot product, then its scale: two FMAs and a multiply per 32 weights.
-          __m512 dot = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + b * 32 + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr + b * 32)));
-          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(static_cast<float>(srow[b])), acc1);
-          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(static_cast<float>(srow[b])), acc0);
-        }
-        yp[m * O + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        if (o + 4 <= O) dot_rows<4>(qp + o * K, sp + o * NB, K, xp + m * K, yp + m * O + o);
+        else for (int64_t r = o; r < O; ++r) dot_rows<1>(qp + r * K, sp + r * NB, K, xp + m * K, yp + m * O + r);
       }
     }
   });
@@ -190,17 +208,18 @@ _kernel_state: dict[str, object] = {}
 
 
 def _cpu_kernel():
-    """The compiled kernel, or None (no compiler, no AVX-512): then the slab fallback runs."""
+    """The compiled kernel, or None (no compiler, no AVX2/FMA/F16C): then the slab fallback runs."""
     if "kernel" not in _kernel_state:
         _kernel_state["kernel"] = None
         try:
-            if "avx512f" not in open("/proc/cpuinfo").read():
-                raise RuntimeError("this CPU has no AVX-512")
+            flags = open("/proc/cpuinfo").read()
+            if not all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c")):
+                raise RuntimeError("this CPU lacks AVX2, FMA or F16C")
             from torch.utils.cpp_extension import load_inline
 
             _kernel_state["kernel"] = load_inline(
                 "moshi_core_q8", cpp_sources=_KERNEL_SOURCE, functions=["q8_matmul"],
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as exc:  # any build problem means: use the portable path
