@@ -7,7 +7,8 @@
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
 # g++: the int8 CPU kernel is compiled on first use (moshi_core/q8.py); CUDA runs without it.
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+# ffmpeg: Gradio encodes the TTS tab's streamed audio with it.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ ffmpeg && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -33,9 +33,10 @@ $(VENV)/.test: $(VENV)/.base
 
 # What the tests drive for real: Debian's chromium (web UI), espeak-ng and sox (speech),
 # redis-server (the API tests start their own on free ports; the default one is started if
-# the machine has none running). Installed with apt where missing.
+# the machine has none running), ffmpeg (Gradio's streaming audio player, the TTS tab). Installed
+# with apt where missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-SYSTEM_TOOLS := chromium espeak-ng sox redis-server
+SYSTEM_TOOLS := chromium espeak-ng sox redis-server ffmpeg
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \

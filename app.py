@@ -35,6 +35,8 @@ from moshi_core.models import DEFAULT_LM_SOURCE
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import LiveTranscription, Transcriber
 from moshi_core.tokens import save_tokens
+from moshi_core.tts import TTSParams, TTSRequest, TTSSession, describe_tts
+from moshi_core.voices import DEFAULT_VOICE
 from workers.models import ModelCache
 from workers.settings import Settings
 
@@ -124,6 +126,32 @@ def build_ui(models: ModelCache) -> gr.Blocks:
         live[0].finish()
         return live[0].text, None
 
+    def voices_for_picker():
+        try:
+            names = describe_tts(settings.tts_model, settings.tts_voices).voices.names()
+        except MoshiError as exc:
+            gr.Warning(f"Could not list the voices: {exc}")
+            names = [DEFAULT_VOICE]
+        return gr.update(choices=names)
+
+    def speak(text: str, voice: str, seed: float | None):
+        """Audio as it is generated: 0.4 s pieces for the streaming player, then the timed words."""
+        if not text or not text.strip():
+            raise gr.Error("Type something to say first.")
+        params = TTSParams(seed=None if seed is None or seed < 0 else int(seed))
+        try:
+            session = TTSSession(models.tts(), [TTSRequest(" ".join(text.split()), voice or None, params)])
+            pending = []
+            for chunk in session.stream():
+                pending.append(chunk.pcm)
+                if len(pending) == 5 or chunk.done:
+                    pcm = torch.cat(pending).numpy()
+                    pending = []
+                    yield (24000, (np.clip(pcm, -1, 1) * 32767).astype(np.int16)), None
+        except MoshiError as exc:
+            raise gr.Error(str(exc)) from exc
+        yield None, [w.to_dict() for w in session.words(0)]
+
     with gr.Blocks(title="Moshi serving stack") as ui:
         gr.Markdown(
             "# Moshi\n"
@@ -169,6 +197,18 @@ def build_ui(models: ModelCache) -> gr.Blocks:
             mic.stream(transcribe_live, [mic, live_state], [live_text, live_state], stream_every=0.25,
                        time_limit=settings.max_audio_seconds)
             mic.stop_recording(finish_live, live_state, [live_text, live_state])
+        with gr.Tab("Text to speech") as tts_tab:
+            gr.Markdown(f"Kyutai's `{settings.tts_model}` (English, French): playback starts while the rest is "
+                        'being generated. `<break time="1s"/>` inserts a pause.')
+            tts_text = gr.Textbox(label="Text", lines=4, max_length=4096)
+            with gr.Row():
+                tts_voice = gr.Dropdown([DEFAULT_VOICE], value=DEFAULT_VOICE, allow_custom_value=True, label="Voice")
+                tts_seed = gr.Number(value=-1, precision=0, label="Seed (-1: a new one each time)")
+            tts_button = gr.Button("Speak", variant="primary")
+            tts_audio = gr.Audio(label="Speech", streaming=True, autoplay=True)
+            tts_words = gr.JSON(label="Words with timestamps (s)")
+            tts_tab.select(voices_for_picker, None, tts_voice)
+            tts_button.click(speak, [tts_text, tts_voice, tts_seed], [tts_audio, tts_words], api_name="tts")
         with gr.Tab("Audio → Mimi tokens"):
             audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech")
             codebooks = gr.Slider(1, 32, value=8, step=1, label="Codebooks (8 is what Moshi uses; 32 sounds best)")
