@@ -58,6 +58,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
 
+def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: str) -> None:
+    """--model, --revision, --device, --dtype and --quiet, as every model command takes them."""
+    parser.add_argument("--model", default=default_model, metavar="SOURCE",
+                        help=f"the {what} model: {MODEL_SOURCE_HELP} (default: %(default)s)")
+    parser.add_argument("--revision", help="pin a Hub revision of --model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="model weights and compute (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-core",
@@ -111,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="Moshi's voice")
     dia.add_argument("--text", metavar="OUT.json", help="Moshi's text with word timestamps")
     dia.add_argument("--stereo", metavar="OUT_STEREO.wav", help="user left, Moshi right")
-    dia.add_argument("--model", default=DEFAULT_LM_SOURCE, metavar="SOURCE",
-                     help=f"the Moshi model: {MODEL_SOURCE_HELP} (default: %(default)s)")
-    dia.add_argument("--revision", help="pin a Hub revision of --model")
+    add_lm_options(dia, DEFAULT_LM_SOURCE, "Moshi")
     dia.add_argument("--seed", type=int, help="seed for reproducible sampling")
     defaults = "default: the model's lm_gen_config, else Kyutai's"
     dia.add_argument("--temp-text", type=float, metavar="T", help=f"text temperature ({defaults}: 0.7)")
@@ -122,10 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("--top-k-audio", type=int, metavar="K", help=f"audio top-k ({defaults}: 250)")
     dia.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     dia.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
-    dia.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
-    dia.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                     help="LM weights and compute (default: %(default)s)")
-    dia.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
     from .stt import DEFAULT_STT_SOURCE
 
@@ -142,14 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("-o", "--output", metavar="OUT", help="transcript file (default: stdout)")
     stt.add_argument("-f", "--format", default="json", choices=["json", "text", "srt", "vtt"],
                      help="transcript format (default: %(default)s)")
-    stt.add_argument("--model", default=DEFAULT_STT_SOURCE, metavar="SOURCE",
-                     help=f"the STT model: {MODEL_SOURCE_HELP} (default: %(default)s; also kyutai/stt-2.6b-en)")
-    stt.add_argument("--revision", help="pin a Hub revision of --model")
+    add_lm_options(stt, DEFAULT_STT_SOURCE, "speech-to-text (also kyutai/stt-2.6b-en)")
     stt.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
-    stt.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
-    stt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                     help="model weights and compute (default: %(default)s)")
-    stt.add_argument("-q", "--quiet", action="store_true", help="print neither progress nor words as they come")
 
     from .tts_cli import add_tts_parser
 
