@@ -342,3 +342,24 @@ def test_expired_jobs_and_keys_are_purged(tmp_path):
         store.create(job, {"input.wav": b"x"})
     assert store.purge_expired(ttl_seconds=3600) == 1
     assert sorted(j.id for j in store.all()) == ["fresh", "waiting"]  # a queued job never expires
+
+
+def test_a_job_that_keeps_killing_workers_is_given_up(tmp_path):
+    """Each delivery counts; past MOSHI_MAX_ATTEMPTS the job fails instead of looping."""
+    from workers.jobs import Job, JobKind, JobState, JobStore
+    from workers.models import ModelCache
+    from workers.runner import execute_job
+    from workers.settings import Settings
+
+    store = JobStore(tmp_path)
+    # Two workers died running it: the record says running, started twice.
+    job = Job(id="doomed", kind=JobKind.ENCODE, owner="", params={"num_codebooks": 8}, input_name="a.wav",
+              state=JobState.RUNNING, attempts=2)
+    store.create(job, {"input.wav": b"never read"})
+    execute_job("doomed", store, ModelCache(Settings(storage_dir=tmp_path, max_attempts=2)))
+    done = store.get("doomed")
+    assert done.state is JobState.FAILED and done.attempts == 3
+    assert done.error["code"] == "worker_lost" and "stopped its worker 2 times" in done.error["message"]
+    # Delivered again (a late copy of the message): a finished job is left alone.
+    execute_job("doomed", store, ModelCache(Settings(storage_dir=tmp_path, max_attempts=2)))
+    assert store.get("doomed").attempts == 3
