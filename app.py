@@ -34,7 +34,7 @@ from moshi_core.live_driver import LiveDriver
 from moshi_core.models import DEFAULT_LM_SOURCE
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import LiveTranscription, Transcriber
-from moshi_core.tokens import save_tokens
+from moshi_core.tokens import load_tokens, save_tokens
 from moshi_core.tts import TTSParams, TTSRequest, TTSSession, describe_tts
 from moshi_core.voices import DEFAULT_VOICE
 from workers.models import ModelCache
@@ -49,6 +49,15 @@ def _progress_callback(progress: gr.Progress, label: str):
 
 def _out_path(stem: str, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moshi-")) / f"{stem}{suffix}"
+
+
+def codes_picture(codes: torch.Tensor, max_frames: int = 300) -> np.ndarray:
+    """Codes [K, F] as an RGB picture: a hue per code value, 8 px per codebook, 4 px per frame
+    (the first `max_frames` frames, 24 s)."""
+    values = codes[:, :max_frames].numpy() / 2048.0
+    # A cheap hue wheel: three phase-shifted cosines.
+    rgb = 0.5 + 0.5 * np.cos(2 * np.pi * (values[..., None] + np.array([0.0, 1 / 3, 2 / 3])))
+    return np.repeat(np.repeat((rgb * 255).astype(np.uint8), 8, axis=0), 4, axis=1)
 
 
 def build_ui(models: ModelCache) -> gr.Blocks:
@@ -83,6 +92,9 @@ def build_ui(models: ModelCache) -> gr.Blocks:
         out = _out_path(Path(audio_path).stem + ".mimi", ".safetensors")
         save_tokens(out, tokens)
         return str(out)
+
+    def show_codes(tokens_path: str | None) -> np.ndarray | None:
+        return codes_picture(load_tokens(tokens_path).codes[0]) if tokens_path else None
 
     def decode(tokens_path: str | None, progress=gr.Progress()) -> str:
         if not tokens_path:
@@ -214,7 +226,9 @@ def build_ui(models: ModelCache) -> gr.Blocks:
             codebooks = gr.Slider(1, 32, value=8, step=1, label="Codebooks (8 is what Moshi uses; 32 sounds best)")
             encode_button = gr.Button("Encode", variant="primary")
             tokens_out = gr.File(label="Token file (safetensors)")
-            encode_button.click(encode, [audio_in, codebooks], tokens_out, api_name="encode")
+            codes_out = gr.Image(label="The codes: one row per codebook, one column per 80 ms frame", type="numpy")
+            encode_button.click(encode, [audio_in, codebooks], tokens_out, api_name="encode").then(
+                show_codes, tokens_out, codes_out, api_name=False)
         with gr.Tab("Mimi tokens → audio"):
             tokens_in = gr.File(label="Token file (safetensors)", file_types=[".safetensors"], type="filepath")
             decode_button = gr.Button("Decode", variant="primary")

@@ -89,6 +89,12 @@ def test_file_tabs_in_the_same_browser(app_url, page, shared_audio, tmp_path):
     from moshi_core.tokens import load_tokens
 
     assert load_tokens(tokens).num_frames == 87
+    # The codes are drawn: 8 codebooks x 8 px high, 87 frames x 4 px wide.
+    picture = panel.locator("img").last
+    picture.wait_for(timeout=30_000)
+    page.wait_for_function("img => img.naturalWidth > 0", arg=picture.element_handle(), timeout=30_000)
+    assert picture.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [348, 64]
+    page.screenshot(path=str(ARTIFACTS / "encode_tab.png"))
 
     page.get_by_role("tab", name="Mimi tokens → audio").click()
     panel = page.get_by_role("tabpanel")
