@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import decode_attention
 from .streaming import keep_mask
 
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
@@ -233,7 +234,9 @@ class Attention(nn.Module):
         # Indexed writes: `scatter_` copies the whole cache for bfloat16 on CPU (15 ms a layer).
         keys[ctx.slots, :, ctx.index] = k.transpose(1, 2)
         values[ctx.slots, :, ctx.index] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
+        y = decode_attention(q, keys, values, ctx.mask[:, 0, 0]) if T == 1 else None
+        if y is None:  # several steps at once, or not on a CPU the kernel supports
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
         return self._project(y.transpose(1, 2).reshape(B, T, -1), self.out_proj.weight, ctx.first_step)
 
 
