@@ -1,6 +1,7 @@
 """Our C++ CPU kernels, compiled on first use with `torch.utils.cpp_extension` (cached
 afterwards) for x86-64 CPUs with AVX2, FMA and F16C; without a compiler or those
-instructions the callers take their portable PyTorch paths.
+instructions the callers take their portable PyTorch paths. (`moshi_core.q8` builds its
+int8 matmul with `compile_cpu` too.)
 
 - `decode_attention`: attention of one query per head over a KV cache, for streaming steps.
   PyTorch's CPU SDPA converts bfloat16 blocks through a GEMM (25-35 ms per 7B layer over a

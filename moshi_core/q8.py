@@ -16,14 +16,14 @@ A `QuantizedWeight` stands where a layer's float weight was. It implements
 model code stays unchanged.
 """
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import compile_cpu
+
 Q8_BLOCK = 32
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,20 +210,7 @@ _kernel_state: dict[str, object] = {}
 def _cpu_kernel():
     """The compiled kernel, or None (no compiler, no AVX2/FMA/F16C): then the slab fallback runs."""
     if "kernel" not in _kernel_state:
-        _kernel_state["kernel"] = None
-        try:
-            flags = open("/proc/cpuinfo").read()
-            if not all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c")):
-                raise RuntimeError("this CPU lacks AVX2, FMA or F16C")
-            from torch.utils.cpp_extension import load_inline
-
-            _kernel_state["kernel"] = load_inline(
-                "moshi_core_q8", cpp_sources=_KERNEL_SOURCE, functions=["q8_matmul"],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False,
-            )
-        except Exception as exc:  # any build problem means: use the portable path
-            log.warning("Q8 CPU kernel unavailable (%s); dequantizing slabs of rows instead", exc)
+        _kernel_state["kernel"] = compile_cpu("moshi_core_q8", _KERNEL_SOURCE, ["q8_matmul"])
     return _kernel_state["kernel"]
 
 
