@@ -57,10 +57,9 @@ run: setup
 test: setup-test
 	$(PY) -m pytest -q
 
+# One table, ours beside the reference; `make bench BENCH_ARGS=--quick` skips the full 7B.
 bench: setup-test
-	$(PY) bench/mimi_bench.py
-	$(PY) bench/lm_bench.py --config reduced
-	$(PY) bench/q8_bench.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,7 @@ Prints a Markdown table with the ratios (reference time / our time: > 1 means we
 """
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=float, default=16, help="streamed speech (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="offline runs, best kept (default: 3)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON (for bench/run_all.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +96,10 @@ def main() -> None:
     for label, q in (("p50", 0.5), ("p95", 0.95)):
         rows.append((f"streaming encode+decode per 80 ms frame, {label} (ms)",
                      1000 * percentile(ours_times, q), 1000 * percentile(ref_times, q)))
+    if args.json:  # a frame reads every weight once: the bytes behind the bandwidth bound
+        weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+        print(json.dumps({"rows": rows, "bytes": weights}))
+        return
 
     print(f"Mimi, float32, 8 codebooks; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from lm_bench import gemv_bandwidth, resident_bytes, summarize  # noqa: E402
+from lm_bench import gemv_bandwidth, resident_bytes, step_bytes, summarize  # noqa: E402
 
 
 def write_full_gguf(path: Path) -> None:
@@ -66,19 +66,13 @@ def run_q8(path: Path, steps: int) -> dict:
     from moshi_core.checkpoints import load_lm
     from moshi_core.generate import LMGenerator
     from moshi_core.lm import MOSHI_7B, LMConfig
-    from moshi_core.q8 import Q8Weight
     from moshi_core.sampling import SamplingParams
 
     start = time.perf_counter()
     model = load_lm(path, LMConfig.from_dict(MOSHI_7B), dtype=torch.bfloat16)
     load_seconds = time.perf_counter() - start
     rss_model = resident_bytes()
-    # Bytes a step reads: every Q8 matrix but the embedding tables (one row each is read).
-    read = sum(
-        value.qs.numel() + value.scales.numel() * value.scales.element_size()
-        for name, module in model.named_modules() if "emb" not in name
-        for value in vars(module).values() if isinstance(value, Q8Weight)
-    )
+    read = step_bytes(model)
     gen = LMGenerator(model, SamplingParams.greedy())
     state = gen.init_state(1)
     user = torch.randint(0, 2048, (steps + 3, 1, 8, 1), generator=torch.Generator().manual_seed(0))
@@ -98,8 +92,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--keep", action="store_true", help="keep the generated GGUF")
+    parser.add_argument("--configs", default="q8,bf16,reference",
+                        help="which of q8, bf16 (ours) and reference to run (default: all three)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON (for bench/run_all.py)")
     parser.add_argument("--q8-only", metavar="GGUF", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    configs = args.configs.split(",")
     if args.q8_only:
         print(json.dumps(run_q8(Path(args.q8_only), args.steps)))
         return
@@ -113,17 +111,20 @@ def main() -> None:
             out = subprocess.run([sys.executable, *extra], capture_output=True, text=True, check=True)
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        results = {
-            "q8, ours": child(__file__, "--q8-only", str(path), "--steps", str(args.steps)),
-            "bf16, ours": child(str(ROOT / "bench" / "lm_bench.py"), "--side", "ours", "--config", "full",
-                                "--steps", str(args.steps)),
-            "bf16, reference": child(str(ROOT / "bench" / "lm_bench.py"), "--side", "reference", "--config", "full",
-                                     "--steps", str(args.steps)),
+        lm_bench = str(ROOT / "bench" / "lm_bench.py")
+        runs = {
+            "q8": ("q8, ours", (__file__, "--q8-only", str(path))),
+            "bf16": ("bf16, ours", (lm_bench, "--side", "ours", "--config", "full")),
+            "reference": ("bf16, reference", (lm_bench, "--side", "reference", "--config", "full")),
         }
+        results = {runs[c][0]: child(*runs[c][1], "--steps", str(args.steps)) for c in configs}
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
-    bandwidth = gemv_bandwidth(torch.bfloat16)
+    if args.json:
+        print(json.dumps(results))
+        return
+    bandwidth = gemv_bandwidth()
     print(f"Moshi 7B LM step (greedy, batch 1), {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"measured GEMV bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| configuration | weights read per step | step p50 | step p95 | bound | p50 / bound | resident memory |")
@@ -133,9 +134,10 @@ def main() -> None:
         rss = r.get("rss_model", r["rss"])
         print(f"| {name} | {r['bytes'] / 1e9:.2f} GB | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | "
               f"{bound * 1000:.0f} ms | {r['p50'] / bound:.2f} | {rss / 1e9:.1f} GB |")
-    q8 = results["q8, ours"]
-    print(f"\nq8: model resident after load {q8['rss_model'] / 1e9:.2f} GB (weights + process), "
-          f"with a conversation's KV cache {q8['rss'] / 1e9:.2f} GB; load {q8['load_seconds']:.0f} s")
+    q8 = results.get("q8, ours")
+    if q8:
+        print(f"\nq8: model resident after load {q8['rss_model'] / 1e9:.2f} GB (weights + process), "
+              f"with a conversation's KV cache {q8['rss'] / 1e9:.2f} GB; load {q8['load_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
