@@ -70,3 +70,20 @@ def test_audio_and_word_times_match_the_reference_decoding(both):
         steps = [s for _, s in result.all_transcripts[i]]
         assert [w.text for w in words] == [w for w, _ in result.all_transcripts[i]]
         assert [w.start for w in words] == [max(0, s - 2) / 12.5 for s in steps]
+
+
+def test_a_request_says_the_same_alone_or_in_a_batch(tiny_tts):  # noqa: F811
+    """Sampled (not greedy): each request has its own seeded generator and its own cache rows."""
+    from moshi_core.tts import TTSParams, TTSRequest, TTSSession, load_tts
+
+    folder, voices = tiny_tts
+    model = load_tts(folder, voices=voices, dtype=torch.float32)
+    requests = [TTSRequest(TEXTS[0], VOICES[0], TTSParams(seed=11, max_padding=MAX_PADDING)),
+                TTSRequest(TEXTS[1], VOICES[1], TTSParams(seed=12, max_padding=MAX_PADDING))]
+    batch, alone = TTSSession(model, requests), TTSSession(model, requests[1:])
+    batch_pcm = torch.cat([c.pcm for c in batch.stream() if c.request == 1])
+    alone_pcm = torch.cat([c.pcm for c in alone.stream()])
+    n = len(alone.frames)
+    assert torch.equal(torch.stack(batch.frames[:n])[:, 1], torch.stack(alone.frames)[:, 0])
+    assert batch.words(1) == alone.words(0) and batch.end_step(1) == alone.end_step(0)
+    torch.testing.assert_close(batch_pcm, alone_pcm, atol=1e-4, rtol=1e-4)
