@@ -150,41 +150,53 @@ _KERNEL_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-// R weight rows against one activation row: y[r] = sum_b scale[r, b] * <q[r, block b], x[block b]>,
-// in float32. Each 32-weight block is four 8-wide int8 -> float32 conversions and FMAs, then one
-// FMA with the block's scale; the R rows share the activation loads.
-template <int R>
-static inline void dot_rows(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y) {
+// R weight rows against N activation rows: y[n][r] = sum_b scale[r, b] * <q[r, block b], x[n][block b]>,
+// in float32. Each 32-weight block is converted from int8 once (four 8-wide conversions, the
+// costly part on AVX2), then serves all N activation rows: four FMAs each, and one with the
+// block's scale. Batched conversations thus pay the conversion once.
+template <int R, int N>
+static inline void dot_tile(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y, int64_t O) {
   const int64_t NB = K / 32;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm256_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
-    const float* xb = x + b * 32;
-    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
-    const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
     for (int r = 0; r < R; ++r) {
       const int8_t* blk = q + r * K + b * 32;
       _mm_prefetch((const char*)(blk + 768), _MM_HINT_T0);
-      auto w = [&](int i) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * i)))); };
-      __m256 d = _mm256_mul_ps(w(0), x0);
-      d = _mm256_fmadd_ps(w(1), x1, d);
-      d = _mm256_fmadd_ps(w(2), x2, d);
-      d = _mm256_fmadd_ps(w(3), x3, d);
-      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(_cvtsh_ss(s[r * NB + b])), acc[r]);
+      __m256 w[4];
+      for (int i = 0; i < 4; ++i) w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * i))));
+      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(s[r * NB + b]));
+      for (int n = 0; n < N; ++n) {
+        const float* xb = x + n * K + b * 32;
+        __m256 d = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+        for (int i = 1; i < 4; ++i) d = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), d);
+        acc[r][n] = _mm256_fmadd_ps(d, scale, acc[r][n]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    y[r] = _mm_cvtss_f32(v);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) {
+      __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][n]), _mm256_extractf128_ps(acc[r][n], 1));
+      v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+      v = _mm_add_ss(v, _mm_movehdup_ps(v));
+      y[n * O + r] = _mm_cvtss_f32(v);
+    }
 }
 
-// y[m, o] = sum_k x[m, k] W[o, k], W in Q8_0; tiles of 4 rows split over the threads.
+// Rows [o, o + R) for N activation rows; R is 4 or fewer at the end of the matrix.
+template <int N>
+static void rows_for(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y, int64_t O, int64_t o) {
+  const int64_t NB = K / 32;
+  if (o + 4 <= O) dot_tile<4, N>(q + o * K, s + o * NB, K, x, y + o, O);
+  else for (int64_t r = o; r < O; ++r) dot_tile<1, N>(q + r * K, s + r * NB, K, x, y + r, O);
+}
+
+// y[m, o] = sum_k x[m, k] W[o, k], W in Q8_0; tiles of 4 rows split over the threads, activation
+// rows taken 2 at a time (4 x 2 accumulators fit AVX2's 16 registers beside the weights).
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
   auto xf = x.contiguous().to(torch::kFloat32);
-  const int64_t M = xf.size(0), K = xf.size(1), O = q.size(0), NB = K / 32;
+  const int64_t M = xf.size(0), K = xf.size(1), O = q.size(0);
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "Q8 weights must be contiguous");
   TORCH_CHECK(q.size(1) == K && K % 32 == 0, "Q8 matmul: shapes do not match");
   auto y = torch::empty({M, O}, xf.options());
@@ -194,10 +206,9 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (O + 3) / 4, 8, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin * 4; o < std::min(end * 4, O); o += 4) {
-      for (int64_t m = 0; m < M; ++m) {
-        if (o + 4 <= O) dot_rows<4>(qp + o * K, sp + o * NB, K, xp + m * K, yp + m * O + o);
-        else for (int64_t r = o; r < O; ++r) dot_rows<1>(qp + r * K, sp + r * NB, K, xp + m * K, yp + m * O + r);
-      }
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) rows_for<2>(qp, sp, K, xp + m * K, yp + m * O, O, o);
+      if (m < M) rows_for<1>(qp, sp, K, xp + m * K, yp + m * O, O, o);
     }
   });
   return y;
