@@ -162,7 +162,8 @@ def list_models(jobs: Service) -> ModelsOut:
     moshi = [ModelOut(id=m, kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE]) for m in s.models]
     mimi = ModelOut(id=s.mimi, kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
     stt = ModelOut(id=s.stt_model, kind="stt", default=True, jobs=[JobKind.TRANSCRIBE])
-    return ModelsOut(models=[*moshi, mimi, stt])
+    tts = ModelOut(id=s.tts_model, kind="tts", default=True, jobs=[JobKind.TTS])
+    return ModelsOut(models=[*moshi, mimi, stt, tts])
 
 
 @router.get("/healthz", tags=["service"], summary="The API process is up")

@@ -236,7 +236,7 @@ def test_service_endpoints(stack):
     client, env, _ = stack
     models = client.get("/v1/models").json()["models"]
     assert [m["id"] for m in models][:2] == [env["MOSHI_MODEL"], env["MOSHI_MIMI"]]
-    assert {m["kind"] for m in models} >= {"moshi", "mimi", "stt"}
+    assert {m["kind"] for m in models} == {"moshi", "mimi", "stt", "tts"}
     ready = client.get("/readyz").json()
     assert ready["queue"] == "celery" and ready["workers"]
     metrics = client.get("/metrics")
