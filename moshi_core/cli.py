@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tts_cli import add_tts_parser
 
-    add_tts_parser(sub, MODEL_SOURCE_HELP)
+    add_tts_parser(sub, add_lm_options)
     return parser
 
 

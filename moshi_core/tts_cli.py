@@ -10,7 +10,7 @@ from .errors import InvalidParameterError
 MAX_TEXT_CHARS = 100_000  # about an hour of speech; refuse pasted-in novels with a message
 
 
-def add_tts_parser(sub, model_source_help: str) -> None:
+def add_tts_parser(sub, add_lm_options) -> None:
     from .tts import DEFAULT_TTS_SOURCE
     from .voices import DEFAULT_VOICE, DEFAULT_VOICE_REPO
 
@@ -32,17 +32,11 @@ def add_tts_parser(sub, model_source_help: str) -> None:
                           "file (default: %(default)s)")
     tts.add_argument("--voices", default=DEFAULT_VOICE_REPO, metavar="SOURCE",
                      help="the voice repo: a Hub repo id or a local folder laid out like it (default: %(default)s)")
-    tts.add_argument("--model", default=DEFAULT_TTS_SOURCE, metavar="SOURCE",
-                     help=f"the TTS model: {model_source_help} (default: %(default)s)")
-    tts.add_argument("--revision", help="pin a Hub revision of --model")
+    add_lm_options(tts, DEFAULT_TTS_SOURCE, "TTS")
     tts.add_argument("--seed", type=int, help="seed for reproducible sampling")
     tts.add_argument("--temp", type=float, default=0.6, help="sampling temperature (default: %(default)s)")
     tts.add_argument("--cfg", type=float, default=2.0, metavar="COEF",
                      help="guidance strength the model was distilled with, 1.0 to 4.0 by 0.5 (default: %(default)s)")
-    tts.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
-    tts.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                     help="model weights and compute (default: %(default)s)")
-    tts.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
 
 def read_text(args: argparse.Namespace) -> str:
