@@ -3,11 +3,12 @@ afterwards) for x86-64 CPUs with AVX2, FMA and F16C; without a compiler or those
 instructions the callers take their portable PyTorch paths. (`moshi_core.q8` builds its
 int8 matmul with `compile_cpu` too.)
 
-- `decode_attention`: attention of one query per head over a KV cache, for streaming steps.
-  PyTorch's CPU SDPA converts bfloat16 blocks through a GEMM (25-35 ms per 7B layer over a
-  3000-step cache on this project's 2-core AMD EPYC, 2 GB/s) and opens a parallel region even
-  for the depth transformer's 8 keys (~8 ms under load); this kernel streams the keys and
-  values once, in float32 arithmetic.
+- `decode_attention`: attention of one query per head over a bfloat16 KV cache, for
+  streaming steps. PyTorch's CPU SDPA in bfloat16 converts blocks through a GEMM (25-35 ms per
+  7B layer over a 3000-step cache on this project's 2-core AMD EPYC, 2 GB/s) and opens a
+  parallel region even for the depth transformer's 8 keys (~8 ms under load); this kernel
+  streams the keys and values once, in float32 arithmetic (3-5 ms). In float32, SDPA is as
+  fast as this kernel, and stays: Mimi and the float32 parity targets keep PyTorch's sums.
 """
 
 import logging
@@ -24,10 +25,8 @@ _ATTENTION_SOURCE = r"""
 #include <cmath>
 #include <vector>
 
-template <typename T> static inline __m256 load8(const T* p);
-template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
-template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
-  // bfloat16 is the top half of a float32.
+// Eight bfloat16 as float32: a bfloat16 is the top half of a float32.
+static inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
@@ -37,19 +36,18 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// q [B, H, D], keys/values [B, H, C, D] (each contiguous), allowed [B, C] -> out [B, H, D] float32.
+// q [B, H, D], keys/values [B, H, C, D] (bfloat16, contiguous), allowed [B, C] -> out [B, H, D] float32.
 // Every slot is read, allowed or not: a step costs what it costs with a full window, the case
 // real time must budget for.
-template <typename T>
-static void attend(const T* q, const T* k, const T* v, const bool* allowed, float* out,
+static void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, const bool* allowed, float* out,
                    int64_t B, int64_t H, int64_t C, int64_t D) {
   const float scale = 1.0f / std::sqrt((float)D);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(C), qf(D), acc(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
-      const T* kb = k + bh * C * D;
-      const T* vb = v + bh * C * D;
+      const at::BFloat16* kb = k + bh * C * D;
+      const at::BFloat16* vb = v + bh * C * D;
       const bool* ok = allowed + b * C;
       for (int64_t d = 0; d < D; ++d) qf[d] = (float)q[bh * D + d] * scale;
       float mx = -INFINITY;
@@ -82,12 +80,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   auto qc = q.contiguous();
   auto ok = allowed.contiguous();
   auto out = torch::empty({B, H, 1, D}, q.options().dtype(torch::kFloat32));
-  if (keys.scalar_type() == torch::kBFloat16)
-    attend(qc.data_ptr<at::BFloat16>(), keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
-           ok.data_ptr<bool>(), out.data_ptr<float>(), B, H, C, D);
-  else
-    attend(qc.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(),
-           ok.data_ptr<bool>(), out.data_ptr<float>(), B, H, C, D);
+  attend(qc.data_ptr<at::BFloat16>(), keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
+         ok.data_ptr<bool>(), out.data_ptr<float>(), B, H, C, D);
   return out.to(q.scalar_type());
 }
 """
@@ -112,10 +106,10 @@ _attention: dict[str, object] = {}
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor):
-    """softmax(q kᵀ / √D) v for one query step [B, H, 1, D] over a cache [B, H, C, D] where
-    `allowed` [B, C]; None when the kernel does not apply (then use SDPA)."""
-    if (q.device.type != "cpu" or q.shape[2] != 1 or q.shape[3] % 8 or q.dtype != keys.dtype
-            or keys.dtype not in (torch.float32, torch.bfloat16) or not keys.is_contiguous()):
+    """softmax(q kᵀ / √D) v for one query step [B, H, 1, D] over a bfloat16 cache [B, H, C, D]
+    where `allowed` [B, C]; None when the kernel does not apply (then use SDPA)."""
+    if (q.device.type != "cpu" or q.shape[2] != 1 or q.shape[3] % 8 or q.dtype != torch.bfloat16
+            or keys.dtype != torch.bfloat16 or not keys.is_contiguous()):
         return None
     if "kernel" not in _attention:
         _attention["kernel"] = compile_cpu("moshi_core_attention", _ATTENTION_SOURCE, ["decode_attention"])

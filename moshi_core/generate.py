@@ -8,6 +8,7 @@ KV ring keeps the last `context` steps and RoPE positions keep growing; the mode
 only the most recent 4 minutes, which is the same window it saw at every step of training.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,18 @@ import torch.nn.functional as F
 from .lm import UNGENERATED_TOKEN, LMModel
 from .sampling import SamplingParams, SlotSampling, sample_token
 from .transformer import KVCache
+
+
+def _gpu_compiled(lm: LMModel):
+    """The temporal and depth steps, compiled on CUDA when asked: MOSHI_COMPILE=1 uses
+    `torch.compile`, MOSHI_CUDA_GRAPHS=1 its CUDA-graph mode (reduce-overhead). Off by default
+    and NOT MEASURED yet (no GPU was lent to the benchmarks); the CPU step stays eager
+    (compiling it took ~50 s per process for Mimi's step, see the README's limits)."""
+    graphs = os.environ.get("MOSHI_CUDA_GRAPHS") == "1"
+    if lm.device.type != "cuda" or not (graphs or os.environ.get("MOSHI_COMPILE") == "1"):
+        return lm.forward_text, lm.depformer_logits
+    mode = "reduce-overhead" if graphs else "default"
+    return torch.compile(lm.forward_text, mode=mode), torch.compile(lm.depformer_logits, mode=mode)
 
 
 @dataclass
@@ -50,6 +63,7 @@ class LMGenerator:
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator(device=lm.device).manual_seed(seed)
+        self._forward_text, self._depformer_logits = _gpu_compiled(lm)
 
     def init_state(self, batch_size: int = 1, per_slot_sampling: bool = False) -> GenerationState:
         """With `per_slot_sampling`, each slot samples with its own parameters and generator
@@ -98,7 +112,7 @@ class LMGenerator:
         before_start = state.offsets[:, None, None] <= self.delays[None, :, None]
         inputs = torch.where(before_start, lm.initial_tokens(B), inputs)
 
-        z, text_logits = lm.forward_text(inputs, state.lm)
+        z, text_logits = self._forward_text(inputs, state.lm)
         text = self._sample(text_logits[:, 0, 0], state, text=True)
         audio = self._depth_step(text, z, state)
 
@@ -126,7 +140,7 @@ class LMGenerator:
         cache = lm.init_depformer_state(text.shape[0])
         previous, codes = text, []
         for slot in range(lm.cfg.dep_q):
-            logits = lm.depformer_logits(slot, z, previous[:, None], cache)
+            logits = self._depformer_logits(slot, z, previous[:, None], cache)
             previous = self._sample(logits[:, 0], state, text=False)
             codes.append(previous)
         return torch.stack(codes, dim=1)
