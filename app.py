@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from api import create_api
 from api.chat import create_chat_router
 from moshi_core.audio import PcmStream, load_audio, write_wav
-from moshi_core.cli import MODEL_SOURCE_HELP, format_transcript
+from moshi_core.cli import MODEL_SOURCE_HELP
 from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
@@ -34,6 +34,7 @@ from moshi_core.live_driver import LiveDriver
 from moshi_core.models import DEFAULT_LM_SOURCE
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import LiveTranscription, Transcriber
+from moshi_core.subtitles import FORMATS, format_transcript
 from moshi_core.tokens import load_tokens, save_tokens
 from moshi_core.tts import TTSParams, TTSRequest, TTSSession, describe_tts
 from moshi_core.voices import DEFAULT_VOICE
@@ -115,7 +116,7 @@ def build_ui(models: ModelCache) -> gr.Blocks:
             (transcript,) = Transcriber(models.stt()).transcribe([wav], progress=_progress_callback(progress, "transcribing"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
-        out = _out_path(Path(audio_path).stem, "." + {"text": "txt"}.get(fmt, fmt))
+        out = _out_path(Path(audio_path).stem, "." + FORMATS[fmt])
         out.write_text(format_transcript(transcript, fmt))
         return transcript.text, [w.to_dict() for w in transcript.words], str(out)
 

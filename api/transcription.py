@@ -60,10 +60,7 @@ async def openai_transcription(
                                        Form(alias="timestamp_granularities[]")] = None,
 ):
     name = upload_name(file, "audio")
-    data = await file.read(jobs.settings.max_upload_bytes + 1)
-    if len(data) > jobs.settings.max_upload_bytes:
-        raise UploadTooLargeError(f"{name!r} is over this server's upload limit of "
-                                  f"{jobs.settings.max_upload_bytes / 2**20:g} MB")
+    data = read_upload(file, jobs.settings.max_upload_bytes)
     served = _model(jobs, model)
     files, seconds = jobs.audio_input(data, name)
     if seconds > jobs.settings.sync_max_seconds:

@@ -232,24 +232,12 @@ def _dialogue(args: argparse.Namespace) -> None:
             print(f"Moshi: {result.text}", file=sys.stderr)
 
 
-def format_transcript(transcript, fmt: str) -> str:
-    """A `Transcript` as `json`, `text`, `srt` or `vtt` (what --format and the API offer)."""
-    import json
-
-    from .subtitles import to_srt, to_vtt
-
-    if fmt == "json":
-        return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
-    if fmt == "text":
-        return transcript.text + "\n"
-    return to_srt(transcript.words) if fmt == "srt" else to_vtt(transcript.words)
-
-
 def _transcribe(args: argparse.Namespace) -> None:
     from .audio import atomic_write_bytes
     from .codec import load_batch, resolve_device
     from .models import parse_dtype
     from .stt import Transcriber, load_stt
+    from .subtitles import format_transcript
 
     wavs = load_batch(args.audio, args.max_seconds)
     models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),

@@ -1,5 +1,6 @@
-"""Timed words as segments, SubRip (.srt) and WebVTT (.vtt): the formats transcripts are read in."""
+"""Transcripts in the formats they are read in: JSON, plain text, SubRip (.srt), WebVTT (.vtt)."""
 
+import json
 from dataclasses import dataclass
 
 from .text import Word
@@ -48,3 +49,15 @@ def to_srt(words: list[Word]) -> str:
 def to_vtt(words: list[Word]) -> str:
     cues = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text}\n" for s in segments(words)]
     return "WEBVTT\n\n" + "\n".join(cues)
+
+
+FORMATS = {"json": "json", "srt": "srt", "vtt": "vtt", "text": "txt"}  # format -> file suffix
+
+
+def format_transcript(transcript, fmt: str, **extra) -> str:
+    """A `stt.Transcript` as `json` (with `extra` keys), `text`, `srt` or `vtt`."""
+    if fmt == "json":
+        return json.dumps({**transcript.to_dict(), **extra}, ensure_ascii=False, indent=2) + "\n"
+    if fmt == "text":
+        return transcript.text + "\n"
+    return to_srt(transcript.words) if fmt == "srt" else to_vtt(transcript.words)

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,19 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port
+
 REPO_DIR = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def serve_app(mimi_checkpoint: Path, tiny_moshi: Path, **env: str) -> Iterator[str]:
     """`python app.py` on the tiny checkpoint (float32, CPU, offline); yields its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_MODEL": str(tiny_moshi), "MOSHI_DTYPE": "float32",
            "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
            "MOSHI_STORAGE_DIR": tempfile.mkdtemp(prefix="moshi-jobs-"), **env}

@@ -18,7 +18,7 @@ from moshi_core.codec import decode_tokens, encode_audio
 from moshi_core.dialogue import run_dialogue
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import Transcriber
-from moshi_core.subtitles import to_srt, to_vtt
+from moshi_core.subtitles import FORMATS, format_transcript
 from moshi_core.tokens import MimiTokens, load_tokens, save_tokens
 from moshi_core.tts import TTSParams, TTSRequest, TTSSession
 
@@ -70,12 +70,12 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
 
 def transcribe(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
     (transcript,) = Transcriber(models.stt()).transcribe([load_audio(folder / AUDIO_INPUT)], progress=progress)
-    data = {**transcript.to_dict(), "model": models.settings.stt_model}
-    atomic_write_bytes(folder / "transcript.json", json.dumps(data, ensure_ascii=False, indent=1).encode())
-    atomic_write_bytes(folder / "transcript.srt", to_srt(transcript.words).encode())
-    atomic_write_bytes(folder / "transcript.vtt", to_vtt(transcript.words).encode())
-    atomic_write_bytes(folder / "transcript.txt", (transcript.text + "\n").encode())
-    return ["transcript.json", "transcript.srt", "transcript.vtt", "transcript.txt"]
+    names = []
+    for fmt, suffix in FORMATS.items():
+        text = format_transcript(transcript, fmt, model=models.settings.stt_model)
+        atomic_write_bytes(folder / f"transcript.{suffix}", text.encode())
+        names.append(f"transcript.{suffix}")
+    return names
 
 
 def tts(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
