@@ -6,7 +6,7 @@
 # so installing the project adds no second torch.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
-# g++: the int8 CPU kernel is compiled on first use (moshi_core/q8.py); CUDA runs without it.
+# g++: the CPU kernels (moshi_core/csrc/) are compiled on first use; CUDA runs without them.
 # ffmpeg: Gradio encodes the TTS tab's streamed audio with it.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ ffmpeg && rm -rf /var/lib/apt/lists/*
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .conditioners import ConditionProvider, FuserConfig
+from .linear import Linear
 from .transformer import KVCache, Transformer, TransformerConfig, make_norm
 
 ZERO_TOKEN = -1  # embeds to an exact zero: "no input"
@@ -160,11 +161,11 @@ class ScaledEmbedding(nn.Embedding):
 
     def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None, demux: bool = False) -> None:
         super().__init__(num_embeddings, low_rank or dim)
-        self.low_rank = nn.Linear(low_rank, dim, bias=False) if low_rank else None
+        self.low_rank = Linear(low_rank, dim, bias=False) if low_rank else None
         self.demux = demux
         if demux:
-            self.out1 = nn.Linear(low_rank or dim, dim, bias=False)
-            self.out2 = nn.Linear(low_rank or dim, dim, bias=False)
+            self.out1 = Linear(low_rank or dim, dim, bias=False)
+            self.out2 = Linear(low_rank or dim, dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.demux:
@@ -221,7 +222,7 @@ class LMModel(nn.Module):
         dim, dep_dim = cfg.dim, cfg.depformer_dim
         self.emb = nn.ModuleList([ScaledEmbedding(cfg.card + 1, dim) for _ in range(cfg.n_q)])
         self.text_emb = ScaledEmbedding(cfg.text_card + 1, dim, demux=cfg.demux_second_text_stream)
-        self.text_linear = nn.Linear(dim, cfg.text_card_out or cfg.text_card, bias=False)
+        self.text_linear = Linear(dim, cfg.text_card_out or cfg.text_card, bias=False)
         self.transformer = Transformer(cfg.temporal_config())
         self.out_norm = make_norm(cfg.norm, dim)
         self.depformer: Transformer | None = None
@@ -230,7 +231,7 @@ class LMModel(nn.Module):
             if cfg.depformer_multi_linear:
                 schedule = cfg.depformer_weights_per_step_schedule
                 num_in = max(schedule) + 1 if schedule else cfg.dep_q
-            self.depformer_in = nn.ModuleList([nn.Linear(dim, dep_dim, bias=False) for _ in range(num_in)])
+            self.depformer_in = nn.ModuleList([Linear(dim, dep_dim, bias=False) for _ in range(num_in)])
             low_rank = cfg.depformer_low_rank_embeddings
             self.depformer_emb = nn.ModuleList(
                 [ScaledEmbedding(cfg.card + 1, dep_dim, low_rank) for _ in range(cfg.dep_q - 1)]
@@ -239,9 +240,9 @@ class LMModel(nn.Module):
                                                       demux=cfg.demux_second_text_stream)
             self.depformer = Transformer(cfg.depformer_config())
         self.extra_heads = nn.ModuleList(
-            [nn.Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)]
+            [Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)]
         )
-        self.linears = nn.ModuleList([nn.Linear(dep_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
+        self.linears = nn.ModuleList([Linear(dep_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
         self.condition_provider: ConditionProvider | None = None
         self.fuser: FuserConfig | None = None
         if cfg.conditioners:

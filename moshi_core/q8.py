@@ -4,9 +4,9 @@ row-wise int8 (Kyutai's `*-pytorch-q8`).
 Q8_0 (GGUF's 8-bit format) stores a matrix [out, in] as int8 values with one float16 scale
 per block of 32 along `in`. Stock PyTorch has no matmul for per-block scales: its int8
 weight-only op takes one scale per row, and requantizing to that would change the weights.
-So a small C++ kernel (compiled on first use with `torch.utils.cpp_extension`, cached
-afterwards) computes y = x W^T block by block from the int8 values; where it cannot be
-built, or on GPUs, the weights are dequantized a slab of rows at a time instead.
+So our CPU kernel (`csrc/linear.cpp`) computes y = x W^T from the int8 values, converting
+each block in registers; where it cannot be built, or on GPUs, the weights are dequantized
+a slab of rows at a time instead.
 
 Row-wise int8 (`W = CB * SCB / 127`, one float32 scale per row) maps onto PyTorch's own
 int8 weight-only matmul, `torch._weight_int8pack_mm`.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import compile_cpu
+from .cpu_kernels import kernel_for
 
 Q8_BLOCK = 32
 
@@ -99,7 +99,13 @@ class QuantizedWeight:
         return torch.zeros(*shape, **kwargs)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ Wᵀ -> [M, O]."""
         raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`F.linear(x, self, bias)` for x [..., K], in x's dtype."""
+        y = self.linear(x.reshape(-1, x.shape[-1])).to(x.dtype)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -108,11 +114,7 @@ class QuantizedWeight:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            lead = x.shape[:-1]
-            y = weight.linear(x.reshape(-1, x.shape[-1])).to(x.dtype)
-            return (y if bias is None else y + bias).view(*lead, -1)
+            return args[1](args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
         if func is F.embedding:
             return args[1].embedding(args[0])
         raise TypeError(f"{func.__name__} is not supported on 8-bit weights")
@@ -120,9 +122,9 @@ class QuantizedWeight:
 
 class Q8Weight(QuantizedWeight, Q8Tensor):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _cpu_kernel() if x.device.type == "cpu" else None
+        kernel = kernel_for("linear", x)
         if kernel is not None:
-            return kernel.q8_matmul(x, self.qs, self.scales)
+            return kernel.q8_linear(x, self.qs, self.scales)
         return _slab_matmul(x, self)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,86 +145,6 @@ def _slab_matmul(x: torch.Tensor, weight: Q8Weight, slab: int = 1024) -> torch.T
         for i in range(0, weight.qs.shape[0], slab)
     ]
     return torch.cat(parts, dim=-1)
-
-
-_KERNEL_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-
-// R weight rows against N activation rows: y[n][r] = sum_b scale[r, b] * <q[r, block b], x[n][block b]>,
-// in float32. Each 32-weight block is converted from int8 once (four 8-wide conversions, the
-// costly part on AVX2), then serves all N activation rows: four FMAs each, and one with the
-// block's scale. Batched conversations thus pay the conversion once.
-template <int R, int N>
-static inline void dot_tile(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y, int64_t O) {
-  const int64_t NB = K / 32;
-  __m256 acc[R][N];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < N; ++n) acc[r][n] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < NB; ++b) {
-    for (int r = 0; r < R; ++r) {
-      const int8_t* blk = q + r * K + b * 32;
-      _mm_prefetch((const char*)(blk + 768), _MM_HINT_T0);
-      __m256 w[4];
-      for (int i = 0; i < 4; ++i) w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * i))));
-      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(s[r * NB + b]));
-      for (int n = 0; n < N; ++n) {
-        const float* xb = x + n * K + b * 32;
-        __m256 d = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-        for (int i = 1; i < 4; ++i) d = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), d);
-        acc[r][n] = _mm256_fmadd_ps(d, scale, acc[r][n]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < N; ++n) {
-      __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][n]), _mm256_extractf128_ps(acc[r][n], 1));
-      v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-      v = _mm_add_ss(v, _mm_movehdup_ps(v));
-      y[n * O + r] = _mm_cvtss_f32(v);
-    }
-}
-
-// Rows [o, o + R) for N activation rows; R is 4 or fewer at the end of the matrix.
-template <int N>
-static void rows_for(const int8_t* q, const uint16_t* s, int64_t K, const float* x, float* y, int64_t O, int64_t o) {
-  const int64_t NB = K / 32;
-  if (o + 4 <= O) dot_tile<4, N>(q + o * K, s + o * NB, K, x, y + o, O);
-  else for (int64_t r = o; r < O; ++r) dot_tile<1, N>(q + r * K, s + r * NB, K, x, y + r, O);
-}
-
-// y[m, o] = sum_k x[m, k] W[o, k], W in Q8_0; tiles of 4 rows split over the threads, activation
-// rows taken 2 at a time (4 x 2 accumulators fit AVX2's 16 registers beside the weights).
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  auto xf = x.contiguous().to(torch::kFloat32);
-  const int64_t M = xf.size(0), K = xf.size(1), O = q.size(0);
-  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "Q8 weights must be contiguous");
-  TORCH_CHECK(q.size(1) == K && K % 32 == 0, "Q8 matmul: shapes do not match");
-  auto y = torch::empty({M, O}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (O + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin * 4; o < std::min(end * 4, O); o += 4) {
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) rows_for<2>(qp, sp, K, xp + m * K, yp + m * O, O, o);
-      if (m < M) rows_for<1>(qp, sp, K, xp + m * K, yp + m * O, O, o);
-    }
-  });
-  return y;
-}
-"""
-
-_kernel_state: dict[str, object] = {}
-
-
-def _cpu_kernel():
-    """The compiled kernel, or None (no compiler, no AVX2/FMA/F16C): then the slab fallback runs."""
-    if "kernel" not in _kernel_state:
-        _kernel_state["kernel"] = compile_cpu("moshi_core_q8", _KERNEL_SOURCE, ["q8_matmul"])
-    return _kernel_state["kernel"]
 
 
 def attach_int8_weights(

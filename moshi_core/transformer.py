@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import decode_attention
+from .cpu_kernels import kernel_for
+from .linear import Linear, linear
 from .streaming import keep_mask
 
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
@@ -143,14 +144,20 @@ class KVCache:
             self.positions.copy_(torch.where(mask[:, None], -1, self.positions))
             self.offset.mul_(keep_mask(mask, 1))
 
-    def advance(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Claim `steps` slots; returns the write indices [B, T] and query positions [B, T]."""
+    def advance(self, steps: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim `steps` entries for every stream, or for the streams `rows` [A] only; returns
+        the write indices [A, T] and the query positions [A, T]."""
         if steps > self.max_step:
             raise ValueError(f"a step of {steps} exceeds the cache's max_step={self.max_step}")
-        pos_q = self.offset[:, None] + torch.arange(steps, device=self.offset.device)
+        offset = self.offset if rows is None else self.offset[rows]
+        pos_q = offset[:, None] + torch.arange(steps, device=self.offset.device)
         index = pos_q % self.capacity
-        self.positions.scatter_(1, index, pos_q)
-        self.offset.add_(steps)
+        if rows is None:
+            self.positions.scatter_(1, index, pos_q)
+            self.offset.add_(steps)
+        else:
+            self.positions[rows[:, None], index] = pos_q
+            self.offset[rows] = offset + steps
         self.steps += steps
         return index, pos_q
 
@@ -159,11 +166,17 @@ class KVCache:
 class _StepContext:
     """What every layer of one call shares."""
 
-    rotation: torch.Tensor | None
-    slots: torch.Tensor  # [B, 1] batch index, to pair with `index`
-    index: torch.Tensor  # [B, T] cache slot of each new step
-    mask: torch.Tensor
+    rotation: torch.Tensor | None  # complex [A, 1, T, D / 2]
+    rows: torch.Tensor | None  # [A] cache row of each input row; None: all, in order
+    index: torch.Tensor  # [A, T] cache entry of each new step
+    mask: torch.Tensor  # [A, 1, T, C]
     first_step: int
+
+    def slots(self, device: torch.device) -> torch.Tensor:
+        """[A, 1] cache rows, to pair with `index`."""
+        if self.rows is not None:
+            return self.rows[:, None]
+        return torch.arange(self.index.shape[0], device=device)[:, None]
 
 
 # -- layers --------------------------------------------------------------------------------
@@ -213,7 +226,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         # Fused [q | k | v] projections (one block of rows per weight set), named as in the checkpoints.
         self.in_proj_weight = nn.Parameter(torch.empty(sets * 3 * d, d))
-        self.out_proj = nn.Linear(d, sets * d, bias=False)
+        self.out_proj = Linear(d, sets * d, bias=False)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, first_step: int) -> torch.Tensor:
@@ -221,23 +234,43 @@ class Attention(nn.Module):
 
         def apply(x_t: torch.Tensor, i: int) -> torch.Tensor:
             B, T, _ = x_t.shape
-            return F.linear(x_t.reshape(B * T, -1), weight[i * rows : (i + 1) * rows]).view(B, T, -1)
+            return linear(x_t.reshape(B * T, -1), weight[i * rows : (i + 1) * rows]).view(B, T, -1)
 
         return _per_step(x, first_step, self.cfg, apply)
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self._project(x, self.in_proj_weight, ctx.first_step)
+        kernel = _fused_step_kernel(qkv, keys) if T == 1 else None
+        if kernel is not None:
+            y = kernel.attention_step(qkv.view(B, -1), _rotation_pairs(ctx.rotation), keys, values,
+                                      ctx.slots(x.device)[:, 0], ctx.index[:, 0], ctx.mask[:, 0, 0])
+            return self._project(y.view(B, 1, -1), self.out_proj.weight, ctx.first_step)
         q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         if ctx.rotation is not None:
             q, k = apply_rope(torch.stack([q, k]), ctx.rotation)
         # Indexed writes: `scatter_` copies the whole cache for bfloat16 on CPU (15 ms a layer).
-        keys[ctx.slots, :, ctx.index] = k.transpose(1, 2)
-        values[ctx.slots, :, ctx.index] = v.transpose(1, 2)
-        y = decode_attention(q, keys, values, ctx.mask[:, 0, 0]) if T == 1 else None
-        if y is None:  # several steps at once, or not on a CPU the kernel supports
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
+        slots = ctx.slots(x.device)
+        keys[slots, :, ctx.index] = k.transpose(1, 2)
+        values[slots, :, ctx.index] = v.transpose(1, 2)
+        if ctx.rows is not None:
+            keys, values = keys[ctx.rows], values[ctx.rows]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
         return self._project(y.transpose(1, 2).reshape(B, T, -1), self.out_proj.weight, ctx.first_step)
+
+
+def _fused_step_kernel(qkv: torch.Tensor, keys: torch.Tensor):
+    """Our fused CPU attention step (`csrc/attention.cpp`) where it applies, else None."""
+    if qkv.dtype not in (torch.float32, torch.bfloat16) or keys.dtype != qkv.dtype or keys.shape[-1] % 8:
+        return None
+    return kernel_for("attention", qkv)
+
+
+def _rotation_pairs(rotation: torch.Tensor | None) -> torch.Tensor:
+    """RoPE rotations as (cos, sin) float32 pairs [A, D / 2, 2]; empty without RoPE."""
+    if rotation is None:
+        return torch.empty(0)
+    return torch.view_as_real(rotation).reshape(rotation.shape[0], -1, 2)
 
 
 class CrossAttention(nn.Module):
@@ -252,20 +285,20 @@ class CrossAttention(nn.Module):
         d = cfg.d_model
         self.num_heads = cfg.num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))  # [q | k | v] rows, as in the files
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = Linear(d, d, bias=False)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """source [B, S, d] -> keys and values, each [B, H, S, D]."""
         d = self.in_proj_weight.shape[1]
         B, S, _ = source.shape
-        kv = F.linear(source, self.in_proj_weight[d:]).view(B, S, 2, self.num_heads, -1)
+        kv = linear(source, self.in_proj_weight[d:]).view(B, S, 2, self.num_heads, -1)
         k, v = kv.permute(2, 0, 3, 1, 4)
         return k, v
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
-        q = F.linear(x, self.in_proj_weight[:d]).view(B, T, self.num_heads, -1).transpose(1, 2)
+        q = linear(x, self.in_proj_weight[:d]).view(B, T, self.num_heads, -1).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, keys, values)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
 
@@ -277,8 +310,8 @@ class ActivationGating(nn.Module):
         super().__init__()
         # Kyutai's sizing: 2/3 of dim_feedforward, or 21/8 of dim when that is 4 * dim.
         hidden = (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.linear_in = Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = Linear(hidden, dim, bias=False)
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,8 +339,8 @@ class TransformerLayer(nn.Module):
         self.norm1 = make_norm(cfg.norm, d)
         self.norm2 = make_norm(cfg.norm, d)
         if cfg.gating == "none":
-            self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
-            self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+            self.linear1 = Linear(d, cfg.dim_feedforward, bias=False)
+            self.linear2 = Linear(cfg.dim_feedforward, d, bias=False)
         elif cfg.weight_sets > 1:
             self.gating = nn.ModuleList(
                 [ActivationGating(d, cfg.dim_feedforward, cfg.gating) for _ in range(cfg.weight_sets)]
@@ -375,9 +408,11 @@ class Transformer(nn.Module):
             max_step=max_step,
         )
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [A, T, C]: the next T steps of the streams `rows` [A] of the cache (all streams, in
+        order, when None). Rows that are not stepped keep their state untouched."""
         first_step = cache.steps
-        index, pos_q = cache.advance(x.shape[1])
+        index, pos_q = cache.advance(x.shape[1], rows)
         cfg = self.cfg
         # A Python counter, not `offset.max()`: no device sync on the hot path.
         if cfg.context is None and cache.steps > cache.capacity:
@@ -387,14 +422,17 @@ class Transformer(nn.Module):
             rotation = rope_rotation(pos_q, self.head_dim, cfg.max_period)
         elif cfg.positional_embedding == "sin":
             x = x + cfg.positional_scale * sin_embedding(pos_q, cfg.d_model, cfg.max_period).to(x.dtype)
-        slots = torch.arange(x.shape[0], device=x.device)[:, None]
-        ctx = _StepContext(rotation, slots, index, window_mask(pos_q, cache.positions, cfg.context), first_step)
+        positions = cache.positions if rows is None else cache.positions[rows]
+        ctx = _StepContext(rotation, rows, index, window_mask(pos_q, positions, cfg.context), first_step)
         if cache.cross_keys is None:
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
                 x = layer.step(x, keys, values, ctx)
             return x
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, cache.keys[i], cache.values[i], ctx, (cache.cross_keys[i], cache.cross_values[i]))
+            cross = (cache.cross_keys[i], cache.cross_values[i])
+            if rows is not None:
+                cross = (cross[0][rows], cross[1][rows])
+            x = layer.step(x, cache.keys[i], cache.values[i], ctx, cross)
         return x
 
     def set_cross_source(self, cache: KVCache, source: torch.Tensor, mask: torch.Tensor | None = None) -> None:

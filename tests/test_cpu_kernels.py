@@ -1,32 +1,138 @@
-"""Our C++ CPU kernels against PyTorch (the kernels exist where AVX2, FMA and F16C do)."""
+"""Our C++ CPU kernels against float64 references and against the PyTorch path they replace
+(the kernels exist where AVX2, FMA and F16C do; elsewhere these tests skip)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moshi_core import cpu_kernels
+from moshi_core.linear import linear
+from moshi_core.q8 import Q8Weight
+from moshi_core.transformer import Transformer, TransformerConfig
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 12, 16), (1, 32, 3000, 128), (3, 16, 8, 64)])
-def test_decode_attention_equals_sdpa(shape):
-    B, H, C, D = shape
+def _kernel(name: str):
+    if not cpu_kernels.supported():
+        pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")
+    kernel = cpu_kernels.kernels(name)
+    assert kernel is not None, f"the {name} kernel failed to build (see the warning logged)"
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def linear_kernel():
+    return _kernel("linear")
+
+
+def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
+    qs = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
+    scales = (torch.rand(rows, cols // 32, generator=g) * 0.02).half()
+    return Q8Weight(qs, scales, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_skinny_linear_is_the_product_in_float32(linear_kernel, dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    for out, inner in ((13, 64), (1030, 512), (8, 2048)):
+        w = torch.randn(out, inner, generator=g).to(dtype)
+        x = torch.randn(rows, inner, generator=g).to(dtype)
+        bias = torch.randn(out, generator=g).to(dtype)
+        got = linear_kernel.skinny_linear(x, w, bias)
+        exact = F.linear(x.double(), w.double(), bias.double())
+        assert got.dtype == dtype and got.shape == (rows, out)
+        # float32 sums, then one rounding to the output dtype
+        rounding = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11 if dtype == torch.float16 else 0
+        tolerance = (rounding + 1e-6) * exact.abs().max()
+        assert (got.double() - exact).abs().max() <= tolerance
+
+
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch(linear_kernel):
+    """A conversation's numbers must not depend on who shares its batch (batched slots,
+    batched jobs): every row is the same sum in the same order."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g).bfloat16() for n in (1, C, C))
-    allowed = torch.rand(B, C, generator=g) > 0.3
-    allowed[-1] = False  # a slot with nothing to attend to gives zeros, as SDPA does
-    got = cpu_kernels.decode_attention(q, k, v, allowed)
-    if got is None:
-        pytest.skip("no AVX2/FMA/F16C kernel on this machine")
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed[:, None, None])
-    exact[-1] = 0
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None]).double()
-    # Rounded to bfloat16 once, like SDPA's output: no further from the exact result than SDPA.
-    assert (got.double() - exact).abs().max() <= max((sdpa - exact).abs().max(), 2 ** -8 * exact.abs().max())
-    assert got.dtype == torch.bfloat16
+    w = torch.randn(777, 1024, generator=g).bfloat16()
+    q8 = _random_q8(777, 1024, g)
+    x = torch.randn(7, 1024, generator=g)
+    for batched, alone in ((linear_kernel.skinny_linear(x, w, None), [linear_kernel.skinny_linear(r, w, None) for r in x.split(1)]),
+                           (q8(x), [q8(r) for r in x.split(1)])):
+        assert torch.equal(batched, torch.cat(alone))
 
 
-def test_decode_attention_leaves_float32_and_several_steps_to_sdpa():
-    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
-    assert cpu_kernels.decode_attention(q, k, k, torch.ones(1, 4, dtype=torch.bool)) is None
-    q2 = torch.randn(1, 2, 2, 8).bfloat16()
-    assert cpu_kernels.decode_attention(q2, k.bfloat16(), k.bfloat16(), torch.ones(1, 4, dtype=torch.bool)) is None
+@pytest.mark.parametrize("rows", [1, 2, 4, 9])
+def test_q8_linear_is_the_dequantized_product(linear_kernel, rows):
+    g = torch.Generator().manual_seed(rows)
+    w = _random_q8(300, 1024, g)
+    x = torch.randn(rows, 1024, generator=g)
+    exact = F.linear(x.double(), w.dequantize(torch.float64))
+    for dtype in (torch.float32, torch.bfloat16):
+        got = w(x.to(dtype))
+        assert got.dtype == dtype
+        rounding = 2 ** -8 if dtype == torch.bfloat16 else 0
+        assert (got.double() - exact).abs().max() <= (rounding + 1e-6) * exact.abs().max() + 1e-3 * rounding
+
+
+def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    x = torch.randn(2, 96, generator=g)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda name: calls.append(name) or linear_kernel)
+    with torch.no_grad():
+        linear(x, w)
+        assert calls == ["linear"]
+        linear(torch.randn(9, 96), w)  # more rows than a streaming step: PyTorch's GEMM
+        linear(x, torch.randn(96, 64).T)  # not contiguous
+        linear(torch.randn(2, 40), torch.randn(8, 40))  # inner size not a multiple of 32
+    w.requires_grad_(True)
+    y = linear(x, w)  # autograd needs PyTorch's op
+    y.sum().backward()
+    assert calls == ["linear"] and w.grad is not None
+
+
+def _run(cfg: TransformerConfig, dtype: torch.dtype, kernels_on: bool, monkeypatch, rows_schedule) -> list:
+    monkeypatch.setenv("MOSHI_CPU_KERNELS", "1" if kernels_on else "0")
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype).eval()
+    cache = model.init_state(3)
+    g = torch.Generator().manual_seed(1)
+    outputs = []
+    with torch.no_grad():
+        for rows in rows_schedule:
+            x = torch.randn(3 if rows is None else len(rows), 1, cfg.d_model, generator=g).to(dtype)
+            outputs.append(model.step(x, cache, None if rows is None else torch.tensor(rows)))
+    return outputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_fused_attention_step_equals_the_pytorch_step(dtype, position, monkeypatch):
+    """Over a wrapping ring, with streams stepped alone, in subsets and all together."""
+    _kernel("attention")
+    cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=5,
+                            positional_embedding=position, norm="rms_norm_f32", gating="silu", layer_scale=None)
+    schedule = [None, [1], [0, 2], None, [2], [1, 0], None, None, [0], None]
+    fused = _run(cfg, dtype, True, monkeypatch, schedule)
+    reference = _run(cfg, dtype, False, monkeypatch, schedule)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, expected in zip(fused, reference):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_rows_step_only_their_streams(monkeypatch):
+    """A subset step leaves the other rows' caches as they were, and gives each stepped row
+    what stepping it alone gives."""
+    cfg = TransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64, context=4)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        cache = model.init_state(3)
+        model.step(x, cache)
+        before = [k.clone() for k in cache.keys], cache.offset.clone()
+        y = model.step(x[[2, 0]], cache, torch.tensor([2, 0]))
+        assert torch.equal(cache.keys[0][1], before[0][0][1]) and cache.offset.tolist() == [2, 1, 2]
+        for i, row in enumerate((2, 0)):
+            alone = model.init_state(1)
+            model.step(x[row : row + 1], alone)
+            torch.testing.assert_close(y[i : i + 1], model.step(x[row : row + 1], alone), rtol=1e-6, atol=1e-6)
