@@ -26,7 +26,6 @@ from api.chat import create_chat_router
 from moshi_core.audio import PcmStream, load_audio, write_wav
 from moshi_core.cli import MODEL_SOURCE_HELP
 from moshi_core.codec import decode_tokens, encode_audio
-from moshi_core.dialogue import run_dialogue
 from moshi_core.errors import MoshiError
 from moshi_core.hub import DEFAULT_MIMI_SOURCE
 from moshi_core.live import LiveEngine
@@ -72,8 +71,9 @@ def build_ui(models: ModelCache) -> gr.Blocks:
             wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
             sampling = SamplingParams(temp_text=temp_text, temp=temp_audio, use_sampling=not greedy)
             fixed_seed = None if seed is None or seed < 0 else int(seed)
-            result = run_dialogue(models.moshi(settings.default_model), wav, sampling=sampling, seed=fixed_seed,
-                                  progress=_progress_callback(progress, "dialogue"))
+            # The engine the REST dialogue jobs of this process use: concurrent dialogues share steps.
+            result = models.dialogue(settings.default_model).run(
+                wav, sampling=sampling, seed=fixed_seed, progress=_progress_callback(progress, "dialogue"))
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
         voice, both = _out_path("moshi", ".wav"), _out_path("user-left-moshi-right", ".wav")

@@ -78,62 +78,76 @@ class LMGenerator:
         return GenerationState(tokens, offsets, self.lm.init_state(batch_size), slots)
 
     @torch.no_grad()
-    def step(self, user_codes: torch.Tensor, state: GenerationState) -> torch.Tensor:
-        """user_codes [B, >= n_user, 1] -> [B, 1 + dep_q]: text token, then Moshi's audio codes.
+    def step(self, user_codes: torch.Tensor, state: GenerationState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """user_codes [A, >= n_user, 1] -> [A, 1 + dep_q]: text token, then Moshi's audio codes.
 
+        `rows` [A] are the slots of the state stepped (all, in order, when None): conversations
+        join and leave a batch between steps, and the others' slots are left as they are.
         A slot's first step returns UNGENERATED_TOKEN (-2) everywhere: with an acoustic
         delay of one step, its first complete frame comes out of its second step.
         """
-        return self._step(user_codes, state)[0]
+        return self._step(user_codes, state, rows)[0]
 
     @torch.no_grad()
-    def step_with_extra_heads(self, user_codes: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
-        """`step`, plus the probabilities of the model's extra heads [B, heads, extra_heads_dim]
+    def step_with_extra_heads(self, user_codes: torch.Tensor, state: GenerationState,
+                              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step`, plus the probabilities of the model's extra heads [A, heads, extra_heads_dim]
         (the speech-to-text model's voice-activity predictions)."""
-        out, z = self._step(user_codes, state)
+        out, z = self._step(user_codes, state, rows)
         heads = [F.softmax(head(z[:, 0]).float(), dim=-1) for head in self.lm.extra_heads]
         return out, torch.stack(heads, dim=1) if heads else z.new_zeros(z.shape[0], 0, self.lm.cfg.extra_heads_dim)
 
-    def _step(self, user_codes: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, user_codes: torch.Tensor, state: GenerationState,
+              rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         lm, cfg = self.lm, self.lm.cfg
-        B = state.batch_size
-        if user_codes.dim() != 3 or user_codes.shape[0] != B or user_codes.shape[2] != 1:
-            raise ValueError(f"user codes must be [{B}, {self.num_user_streams}, 1], got {list(user_codes.shape)}")
+        A = state.batch_size if rows is None else rows.shape[0]
+        if user_codes.dim() != 3 or user_codes.shape[0] != A or user_codes.shape[2] != 1:
+            raise ValueError(f"user codes must be [{A}, {self.num_user_streams}, 1], got {list(user_codes.shape)}")
         if user_codes.shape[1] < self.num_user_streams:
             raise ValueError(f"need {self.num_user_streams} user codebooks, got {user_codes.shape[1]}")
-        ring = state.tokens.shape[2]
+        # The stepped slots' token rings and step counts (copies when a subset is stepped, written back below).
+        tokens = state.tokens if rows is None else state.tokens[rows]
+        offsets = state.offsets if rows is None else state.offsets[rows]
+        ring = tokens.shape[2]
         first_user = cfg.dep_q + 1
         # The user's stream k is written d_k steps ahead: it is read when the model reaches it.
-        user_slots = (state.offsets[:, None] + self.delays[first_user:]) % ring  # [B, n_user]
-        state.tokens[:, first_user:].scatter_(2, user_slots[..., None], user_codes[:, : self.num_user_streams])
+        user_slots = (offsets[:, None] + self.delays[first_user:]) % ring  # [A, n_user]
+        tokens[:, first_user:].scatter_(2, user_slots[..., None], user_codes[:, : self.num_user_streams])
 
-        current = (state.offsets % ring)[:, None, None].expand(-1, cfg.num_codebooks, 1)
-        inputs = state.tokens.gather(2, current)
-        before_start = state.offsets[:, None, None] <= self.delays[None, :, None]
-        inputs = torch.where(before_start, lm.initial_tokens(B), inputs)
+        current = (offsets % ring)[:, None, None].expand(-1, cfg.num_codebooks, 1)
+        inputs = tokens.gather(2, current)
+        before_start = offsets[:, None, None] <= self.delays[None, :, None]
+        inputs = torch.where(before_start, lm.initial_tokens(A), inputs)
 
-        z, text_logits = self._forward_text(inputs, state.lm)
-        text = self._sample(text_logits[:, 0, 0], state, text=True)
-        audio = self._depth_step(text, z, state)
+        z, text_logits = self._forward_text(inputs, state.lm, rows=rows)
+        text = self._sample(text_logits[:, 0, 0], state, rows, text=True)
+        audio = self._depth_step(text, z, state, rows)
 
-        state.offsets.add_(1)
-        written = (state.offsets % ring)[:, None, None]
-        state.tokens[:, : 1 + cfg.dep_q].scatter_(
+        offsets = offsets + 1
+        written = (offsets % ring)[:, None, None]
+        tokens[:, : 1 + cfg.dep_q].scatter_(
             2, written.expand(-1, 1 + cfg.dep_q, 1), torch.cat([text[:, None], audio], dim=1)[..., None]
         )
+        if rows is None:
+            state.offsets.copy_(offsets)
+        else:
+            state.tokens[rows] = tokens
+            state.offsets[rows] = offsets
         # Undo the delays: stream k of the frame returned now was written d_k steps after it started.
         gen_delays = self.delays[: 1 + cfg.dep_q]
-        read = (state.offsets[:, None] - self.max_delay + gen_delays) % ring
-        out = state.tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
-        return torch.where((state.offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out), z
+        read = (offsets[:, None] - self.max_delay + gen_delays) % ring
+        out = tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
+        return torch.where((offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out), z
 
-    def _sample(self, logits: torch.Tensor, state: GenerationState, text: bool) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, state: GenerationState, rows: torch.Tensor | None,
+                text: bool) -> torch.Tensor:
         if state.slots is not None:
-            return state.slots.sample(logits, text)
+            return state.slots.sample(logits, text, None if rows is None else rows.tolist())
         return sample_token(logits, *self.sampling.for_stream(text), self.sampling.use_sampling, self.generator)
 
-    def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState) -> torch.Tensor:
-        """Moshi's dep_q audio codes for this step, codebook after codebook: [B, dep_q]."""
+    def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState,
+                    rows: torch.Tensor | None) -> torch.Tensor:
+        """Moshi's dep_q audio codes for this step, codebook after codebook: [A, dep_q]."""
         lm = self.lm
         if lm.cfg.dep_q == 0:  # text only (speech-to-text): no depth transformer
             return text.new_zeros(text.shape[0], 0)
@@ -141,6 +155,6 @@ class LMGenerator:
         previous, codes = text, []
         for slot in range(lm.cfg.dep_q):
             logits = self._depformer_logits(slot, z, previous[:, None], cache)
-            previous = self._sample(logits[:, 0], state, text=False)
+            previous = self._sample(logits[:, 0], state, rows, text=False)
             codes.append(previous)
         return torch.stack(codes, dim=1)

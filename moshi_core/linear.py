@@ -30,7 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return weight(x, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (0 < rows <= SKINNY_MAX_ROWS and weight.dtype in _SKINNY_DTYPES and x.dtype in _SKINNY_DTYPES
-            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and not _needs_grad(x, weight, bias)):
+            and weight.shape[1] % 8 == 0 and weight.is_contiguous() and not _needs_grad(x, weight, bias)):
         kernel = kernel_for("linear", x)
         if kernel is not None:
             y = kernel.skinny_linear(x.reshape(rows, -1), weight, bias)

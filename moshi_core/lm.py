@@ -272,9 +272,11 @@ class LMModel(nn.Module):
         """KV cache of the temporal transformer for `batch_size` streams."""
         return self.transformer.init_state(batch_size, max_step)
 
-    def forward_text(self, tokens: torch.Tensor, cache: KVCache,
-                     condition_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_text(self, tokens: torch.Tensor, cache: KVCache, condition_sum: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, K, T] -> (normed hidden state z [B, T, dim], text logits [B, 1, T, text_card]).
+
+        With `rows` [B], the tokens are those of the cache's streams `rows` (see `Transformer.step`).
 
         `condition_sum` [B, 1, dim] (TTS settings) is added to every step's input; a voice to
         attend to is set once per session with `transformer.set_cross_source(cache, ...)`.
@@ -282,7 +284,7 @@ class LMModel(nn.Module):
         x = self.embed(tokens)
         if condition_sum is not None:
             x = x + condition_sum.to(x)
-        z = self.out_norm(self.transformer.step(x, cache))
+        z = self.out_norm(self.transformer.step(x, cache, rows))
         return z, self.text_linear(z)[:, None]
 
     # -- depth transformer -----------------------------------------------------------------

@@ -82,10 +82,13 @@ class SlotSampling:
         self.params[row] = params
         self.generators[row].manual_seed(secrets.randbits(63) if seed is None else seed)
 
-    def sample(self, logits: torch.Tensor, text: bool) -> torch.Tensor:
-        """logits [B, V] -> [B]: one token per row with that row's parameters and generator."""
-        rows = [
-            sample_token(logits[i : i + 1], *p.for_stream(text), p.use_sampling, g)
-            for i, (p, g) in enumerate(zip(self.params, self.generators))
+    def sample(self, logits: torch.Tensor, text: bool, rows: list[int] | None = None) -> torch.Tensor:
+        """logits [A, V] -> [A]: one token per row with its slot's parameters and generator;
+        row i belongs to slot rows[i] (to slot i when `rows` is None)."""
+        slots = range(logits.shape[0]) if rows is None else rows
+        tokens = [
+            sample_token(logits[i : i + 1], *self.params[slot].for_stream(text), self.params[slot].use_sampling,
+                         self.generators[slot])
+            for i, slot in enumerate(slots)
         ]
-        return torch.cat(rows)
+        return torch.cat(tokens)

@@ -34,7 +34,7 @@ def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_skinny_linear_is_the_product_in_float32(linear_kernel, dtype, rows):
     g = torch.Generator().manual_seed(rows)
-    for out, inner in ((13, 64), (1030, 512), (8, 2048)):
+    for out, inner in ((13, 64), (1030, 512), (8, 2048), (21, 88)):
         w = torch.randn(out, inner, generator=g).to(dtype)
         x = torch.randn(rows, inner, generator=g).to(dtype)
         bias = torch.randn(out, generator=g).to(dtype)
@@ -83,7 +83,7 @@ def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch)
         assert calls == ["linear"]
         linear(torch.randn(9, 96), w)  # more rows than a streaming step: PyTorch's GEMM
         linear(x, torch.randn(96, 64).T)  # not contiguous
-        linear(torch.randn(2, 40), torch.randn(8, 40))  # inner size not a multiple of 32
+        linear(torch.randn(2, 36), torch.randn(8, 36))  # inner size not a multiple of 8
     w.requires_grad_(True)
     y = linear(x, w)  # autograd needs PyTorch's op
     y.sum().backward()

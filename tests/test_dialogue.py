@@ -77,6 +77,72 @@ def test_dialogue_batch_and_seed(tiny_moshi, shared_audio):
     assert batch[0].tokens.shape[0] == 9  # text + 8 audio codebooks per frame
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tiny_moshi):
+    from moshi_core.models import load_moshi
+
+    return load_moshi(tiny_moshi, dtype=torch.float32)
+
+
+def test_concurrent_dialogues_share_steps_and_answer_as_alone(tiny_models, shared_audio):
+    """Three callers on an engine of two slots: two step together, the third joins when the
+    shorter leaves; each gets, bit for bit, what it gets alone (its own seed and sampler)."""
+    import threading
+
+    from moshi_core import cpu_kernels
+    from moshi_core.audio import load_audio
+    from moshi_core.dialogue import DialogueEngine
+
+    wavs = [load_audio(shared_audio / "en_short_16k.wav"), load_audio(shared_audio / "en_question_24k.wav")[:, :48000],
+            load_audio(shared_audio / "fr_human_intro.mp3")[:, :30000]]
+    alone = [DialogueEngine(tiny_models, slots=1).run(w, seed=10 + i) for i, w in enumerate(wavs)]
+    engine = DialogueEngine(tiny_models, slots=2)
+    together: list = [None] * 3
+    start = threading.Barrier(3)
+
+    def call(i: int) -> None:
+        start.wait()
+        together[i] = engine.run(wavs[i], seed=10 + i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert all(r is not None for r in together)
+    assert max(r.peak_batch for r in together) == 2 and all(a.peak_batch == 1 for a in alone)
+    for mine, lone in zip(together, alone):
+        assert mine.tokens.shape == lone.tokens.shape
+        if cpu_kernels.supported():  # our kernels compute every row alone; PyTorch's GEMMs need not
+            assert torch.equal(mine.tokens, lone.tokens)
+            assert torch.equal(mine.audio, lone.audio)
+
+
+def test_a_cancelled_dialogue_leaves_the_others_running(tiny_models, shared_audio):
+    import threading
+
+    from moshi_core.audio import load_audio
+    from moshi_core.dialogue import DialogueEngine
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_soon(done: int, total: int) -> None:
+        if done > 3:
+            raise Cancelled
+
+    wav = load_audio(shared_audio / "en_question_24k.wav")[:, :72000]
+    engine = DialogueEngine(tiny_models, slots=2)
+    survivor: list = []
+    other = threading.Thread(target=lambda: survivor.append(engine.run(wav, seed=1)))
+    other.start()
+    with pytest.raises(Cancelled):
+        engine.run(wav, seed=2, progress=cancel_soon)
+    other.join(timeout=600)
+    assert survivor and survivor[0].tokens.shape[1] == 72000 // 1920 + (72000 % 1920 > 0)
+    assert engine.run(wav[:, :9600], seed=3).tokens.shape[1] == 5  # the engine still serves
+
+
 def test_bad_sources_and_configs(tmp_path, tiny_moshi):
     from moshi_core.models import load_moshi
 

@@ -3,7 +3,11 @@
 Start a worker per GPU (one process each, see the README):
 
     REDIS_URL=redis://localhost:6379/0 CUDA_VISIBLE_DEVICES=0 \
-        celery -A workers worker -Q moshi.lm,moshi.codec -c 1 -n gpu0@%h
+        celery -A workers worker -Q moshi.lm,moshi.codec -P threads -c 8 -n gpu0@%h
+
+With the threads pool, the jobs a process runs at once share its models, and its dialogue
+jobs share batched LM steps (`MOSHI_DIALOGUE_SLOTS` at a time); the prefork pool (`-c 1`)
+runs one job per process, each isolated from the others' crashes.
 
 The settings follow what long GPU jobs need: a worker reserves one job at a time
 (prefetch 1), acknowledges a job only once it is done (late ack), and hands it back when
@@ -13,6 +17,7 @@ worker. `execute_job` bounds the attempts of a job that keeps killing workers.
 """
 
 import logging
+import threading
 
 from celery import Celery, signals
 
@@ -55,6 +60,7 @@ settings = Settings.from_env()
 app = make_celery(settings)
 _store: JobStore | None = None
 _models: ModelCache | None = None
+_init_lock = threading.Lock()  # the threads pool starts several tasks at once
 
 
 @signals.worker_process_init.connect
@@ -67,7 +73,8 @@ def _init_process(**_) -> None:
 @app.task(name="moshi.run_job", ignore_result=False)
 def run_job(job_id: str) -> str:
     global _store, _models
-    if _store is None:
-        _store, _models = JobStore(settings.storage_dir), ModelCache(settings)
+    with _init_lock:
+        if _store is None:
+            _store, _models = JobStore(settings.storage_dir), ModelCache(settings)
     execute_job(job_id, _store, _models)
     return job_id

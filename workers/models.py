@@ -9,6 +9,7 @@ import threading
 
 from moshi_core.checkpoints import load_mimi
 from moshi_core.codec import resolve_device
+from moshi_core.dialogue import DialogueEngine
 from moshi_core.mimi import MimiModel
 from moshi_core.models import MoshiModels, load_moshi, parse_dtype
 from moshi_core.stt import load_stt
@@ -36,6 +37,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self._mimi: MimiModel | None = None
         self._moshi: dict[str, MoshiModels] = {}
+        self._dialogue: dict[str, DialogueEngine] = {}
         self._stt: MoshiModels | None = None
         self._tts: TTSModel | None = None
 
@@ -71,3 +73,12 @@ class ModelCache:
                     model, device=resolve_device(self.settings.device), dtype=parse_dtype(self.settings.dtype)
                 )
             return self._moshi[model]
+
+    def dialogue(self, model: str) -> DialogueEngine:
+        """The engine that batches every dialogue job of this process on `model`."""
+        model = check_model(self.settings, model)
+        moshi = self.moshi(model)
+        with self._lock:
+            if model not in self._dialogue:
+                self._dialogue[model] = DialogueEngine(moshi, slots=self.settings.dialogue_slots)
+            return self._dialogue[model]

@@ -15,7 +15,6 @@ import torch
 from moshi_core.audio import SAMPLE_RATE, atomic_write_bytes, load_audio, write_wav
 from moshi_core.audio_stream import pcm16_bytes
 from moshi_core.codec import decode_tokens, encode_audio
-from moshi_core.dialogue import run_dialogue
 from moshi_core.sampling import SamplingParams
 from moshi_core.stt import Transcriber
 from moshi_core.subtitles import FORMATS, format_transcript
@@ -58,7 +57,9 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
         top_k=_given(p["top_k_audio"], defaults.top_k),
         use_sampling=not p["greedy"],
     )
-    result = run_dialogue(moshi, load_audio(folder / AUDIO_INPUT), sampling=sampling, seed=p["seed"], progress=progress)
+    # Batched with the other dialogue jobs this process runs at the same time (same answer as alone).
+    engine = models.dialogue(p["model"])
+    result = engine.run(load_audio(folder / AUDIO_INPUT), sampling=sampling, seed=p["seed"], progress=progress)
     write_wav(folder / "audio.wav", result.audio)
     write_wav(folder / "stereo.wav", result.stereo)
     transcript = {**result.transcript(), "model": moshi.source, "seed": p["seed"]}

@@ -51,10 +51,13 @@ class LocalQueue:
     def __init__(self, store: JobStore, models: ModelCache) -> None:
         self.store, self.models = store, models
         self._queues = {name: queue.Queue() for name in (HEAVY_QUEUE, LIGHT_QUEUE)}
-        self._threads = [
-            threading.Thread(target=self._work, args=(q,), name=f"worker {name}", daemon=True)
-            for name, q in self._queues.items()
+        counts = {HEAVY_QUEUE: models.settings.dialogue_slots, LIGHT_QUEUE: 1}
+        self._lanes = [  # (queue, one of the threads taking from it)
+            (self._queues[name], threading.Thread(target=self._work, args=(self._queues[name],),
+                                                  name=f"worker {name} {i}", daemon=True))
+            for name, count in counts.items() for i in range(count)
         ]
+        self._threads = [thread for _, thread in self._lanes]
         for thread in self._threads:
             thread.start()
         for job in sorted(store.all(), key=lambda j: j.created_at):
@@ -82,8 +85,8 @@ class LocalQueue:
         return [t.name for t in self._threads if t.is_alive()]
 
     def close(self) -> None:
-        for q in self._queues.values():
-            q.put(None)
+        for jobs, _ in self._lanes:  # one stop mark per thread
+            jobs.put(None)
 
 
 class CeleryQueue:

@@ -38,6 +38,10 @@ class Settings:
     sync_max_seconds: float = 120.0
     sync_timeout_seconds: float = 600.0
     max_attempts: int = 3  # deliveries of a job before it is given up (a job that kills its worker)
+    # Dialogue jobs one worker process steps together on one model (one batched LM step per
+    # frame); the in-process queue runs this many heavy jobs at once, as a threads-pool Celery
+    # worker with this concurrency does.
+    dialogue_slots: int = 4
     # Redis hands an unacknowledged job to another worker after this long: it must exceed the
     # longest job, or a slow job would run twice.
     visibility_timeout: float = 6 * 3600.0
@@ -83,5 +87,6 @@ class Settings:
             sync_max_seconds=number("MOSHI_SYNC_MAX_SECONDS", 120),
             sync_timeout_seconds=number("MOSHI_SYNC_TIMEOUT_SECONDS", 600),
             max_attempts=int(number("MOSHI_MAX_ATTEMPTS", 3)),
+            dialogue_slots=int(number("MOSHI_DIALOGUE_SLOTS", 4)),
             visibility_timeout=number("MOSHI_VISIBILITY_TIMEOUT_HOURS", 6) * 3600,
         )

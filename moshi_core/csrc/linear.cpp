@@ -36,27 +36,29 @@ struct FloatWeights {
   const char* row_bytes(int64_t row) const { return reinterpret_cast<const char*>(w + row * K); }
 };
 
+// The float formats also take a K that is a multiple of 8 only: the columns past the last
+// whole block are read eight at a time (`eight`).
 struct F32Weights : FloatWeights<float, 4> {
+  inline __m256 eight(int64_t row, int64_t k) const { return _mm256_loadu_ps(w + row * K + k); }
   inline void block(int64_t row, int64_t b, __m256 out[4]) const {
-    const float* p = w + row * K + b * BLOCK;
-    for (int i = 0; i < 4; ++i) out[i] = _mm256_loadu_ps(p + 8 * i);
+    for (int i = 0; i < 4; ++i) out[i] = eight(row, b * BLOCK + 8 * i);
   }
 };
 
 struct BF16Weights : FloatWeights<uint16_t, 2> {
+  inline __m256 eight(int64_t row, int64_t k) const {  // a bfloat16 is the top half of a float32
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + row * K + k)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
   inline void block(int64_t row, int64_t b, __m256 out[4]) const {
-    const uint16_t* p = w + row * K + b * BLOCK;
-    for (int i = 0; i < 4; ++i) {  // a bfloat16 is the top half of a float32
-      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 8 * i)));
-      out[i] = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-    }
+    for (int i = 0; i < 4; ++i) out[i] = eight(row, b * BLOCK + 8 * i);
   }
 };
 
 struct F16Weights : FloatWeights<uint16_t, 2> {
+  inline __m256 eight(int64_t row, int64_t k) const { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + row * K + k))); }
   inline void block(int64_t row, int64_t b, __m256 out[4]) const {
-    const uint16_t* p = w + row * K + b * BLOCK;
-    for (int i = 0; i < 4; ++i) out[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8 * i)));
+    for (int i = 0; i < 4; ++i) out[i] = eight(row, b * BLOCK + 8 * i);
   }
 };
 
@@ -126,6 +128,13 @@ inline void tile(const W& w, int64_t r0, int64_t next, const float* x, int64_t n
       }
     }
   }
+  if constexpr (!W::scaled) {
+    for (int64_t k = K / BLOCK * BLOCK; k < K; k += 8)
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = w.eight(r0 + r, k);
+        for (int n = 0; n < N; ++n) acc[r][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs + n * K + k), acc[r][n]);
+      }
+  }
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n)
       store(y + (n0 + n) * O + r0 + r, hsum(acc[r][n]) + (bias ? bias[r0 + r] : 0.f));
@@ -190,17 +199,17 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::opti
   return y;
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& weight) {
+void check(const torch::Tensor& x, const torch::Tensor& weight, int64_t multiple) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "skinny_linear: shapes do not match");
   TORCH_CHECK(weight.is_contiguous(), "skinny_linear: the weight must be contiguous");
-  TORCH_CHECK(weight.size(1) % BLOCK == 0, "skinny_linear: the inner dimension must be a multiple of 32");
+  TORCH_CHECK(weight.size(1) % multiple == 0, "skinny_linear: the inner dimension must be a multiple of ", multiple);
 }
 
 }  // namespace
 
-// y = x W^T (+ bias) for a float32, bfloat16 or float16 W [O, K]; y has x's dtype.
+// y = x W^T (+ bias) for a float32, bfloat16 or float16 W [O, K] (K a multiple of 8); y has x's dtype.
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  check(x, weight);
+  check(x, weight, 8);
   const int64_t O = weight.size(0), K = weight.size(1);
   switch (weight.scalar_type()) {
     case torch::kFloat32: return run(F32Weights{{weight.data_ptr<float>(), K}}, x, O, bias);
@@ -214,7 +223,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional
 
 // y = x W^T for a Q8_0 W: int8 values [O, K] and float16 scales [O, K / 32]; y has x's dtype.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales) {
-  check(x, qs);
+  check(x, qs, BLOCK);
   TORCH_CHECK(scales.is_contiguous() && scales.size(0) == qs.size(0) && scales.size(1) * BLOCK == qs.size(1),
               "q8_linear: one scale per block of 32 weights");
   const int64_t K = qs.size(1);
