@@ -2,9 +2,10 @@
 
 A `LiveEngine` holds N slots of one model's streaming state (Mimi in both directions, the
 LM). Each `step` takes the next 1920-sample frame of every open conversation and runs Mimi
-encode -> LM step -> Mimi decode for all slots in one batch. Free slots ride along on
-silence: a fixed batch keeps the state's shapes static, and a step costs about the same for
-one row or a few (it is bound by reading the weights). A conversation's slot is reset (LM,
+encode -> LM step -> Mimi decode for them in one batch. The LM steps only the slots of
+conversations that have started (slots join and leave between steps); Mimi, whose state
+has no per-row stepping, runs every slot, free ones on silence. A step costs little more for
+a few rows than for one: it is bound by reading the weights. A conversation's slot is reset (LM,
 Mimi, its sampling generator) on its first step, so nothing of the previous caller remains.
 A conversation starts with its first frame: until then its slot idles with the free ones.
 
@@ -24,6 +25,7 @@ import torch
 
 from .errors import InvalidParameterError, LiveBusyError
 from .generate import LMGenerator
+from .lm import UNGENERATED_TOKEN
 from .models import MoshiModels
 from .sampling import SamplingParams
 from .text import WORD_START
@@ -102,13 +104,17 @@ class LiveEngine:
             if conversation.steps == 0:
                 joining[slot] = True
                 self._lm_state.slots.configure(slot, conversation.sampling, conversation.seed)
+        stepped = [slot for slot in self.open_slots if self._slots[slot].steps > 0 or joining[slot]]
         with torch.inference_mode():
             mask = torch.tensor(joining)
             if any(joining):
                 self._lm_state.reset(mask.to(lm.device))
                 self._mimi_state.reset(mask.to(mimi.device))
-            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams)
-            out = self.generator.step(codes.to(lm.device), self._lm_state)  # [N, 1 + dep_q]
+            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams).to(lm.device)
+            out = torch.full((self.num_slots, 1 + lm.cfg.dep_q), UNGENERATED_TOKEN, device=lm.device)
+            if stepped:
+                rows = None if len(stepped) == self.num_slots else torch.tensor(stepped, device=lm.device)
+                out[stepped] = self.generator.step(codes[stepped], self._lm_state, rows)  # [A, 1 + dep_q]
             # First steps return -2 (no frame yet): decode a placeholder, dropped below.
             audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state)
             if any(joining):

@@ -118,8 +118,8 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Pr
     return proc, url
 
 
-def start_worker(env: dict[str, str], log_dir: Path, name: str, concurrency: int = 1) -> Process:
+def start_worker(env: dict[str, str], log_dir: Path, name: str, concurrency: int = 1, pool: str = "prefork") -> Process:
     return Process(name, [
-        sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "moshi.lm,moshi.codec",
+        sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "moshi.lm,moshi.codec", "-P", pool,
         "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info",
     ], env, log_dir)

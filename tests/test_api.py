@@ -121,6 +121,38 @@ def test_encode_decode_dialogue_submit_poll_download(stack, shared_audio, tmp_pa
     assert client.get(f"/v1/jobs/{dialogue['id']}/result").content == (tmp_path / "moshi.wav").read_bytes()
 
 
+def test_a_threads_worker_batches_concurrent_dialogues(tmp_path, base_env, shared_audio):
+    """One worker process, threads pool: dialogue jobs that run at once share LM steps, and
+    each gives what it gives alone (here: what `moshi-core dialogue` gives)."""
+    redis = Redis(tmp_path / "redis").start()
+    env = {**base_env, "REDIS_URL": redis.url, "MOSHI_STORAGE_DIR": str(tmp_path / "storage"),
+           "MOSHI_DIALOGUE_SLOTS": "3"}
+    api, url = start_api(env, tmp_path)
+    worker = start_worker(env, tmp_path, "batching", concurrency=3, pool="threads")
+    client = httpx.Client(base_url=url, timeout=30)
+    try:
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "the worker to answer")
+        speech = shared_audio / "en_question_24k.wav"
+        jobs = [_submit(client, "/v1/dialogue", speech, seed=20 + i, max_seconds=3) for i in range(3)]
+        done = [_wait(client, job["id"], timeout=300) for job in jobs]
+        assert all(d["state"] == "succeeded" for d in done), done
+        peaks = [client.get(f"/v1/jobs/{j['id']}/artifacts/transcript.json").json()["batch_peak"] for j in jobs]
+        assert max(peaks) >= 2, peaks
+        clip = tmp_path / "clip.wav"
+        sf.write(clip, sf.read(speech, dtype="float32")[0][: 3 * 24000], 24000, subtype="FLOAT")
+        _cli("dialogue", str(clip), "-o", str(tmp_path / "alone.wav"), "--model", env["MOSHI_MODEL"], "--dtype",
+             "float32", "--seed", "21", "--device", "cpu", env=env)
+        assert client.get(f"/v1/jobs/{jobs[1]['id']}/result").content == (tmp_path / "alone.wav").read_bytes()
+    except BaseException:
+        print(api.output(), worker.output(), sep="\n----\n")
+        raise
+    finally:
+        client.close()
+        worker.stop()
+        api.stop()
+        redis.stop()
+
+
 def test_worker_killed_mid_job_is_redelivered_and_succeeds_once(stack, shared_audio):
     client, _, _ = stack
     job = _submit(client, "/v1/dialogue", shared_audio / "en_long_24k.wav", seed=3)

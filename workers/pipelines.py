@@ -62,7 +62,8 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
     result = engine.run(load_audio(folder / AUDIO_INPUT), sampling=sampling, seed=p["seed"], progress=progress)
     write_wav(folder / "audio.wav", result.audio)
     write_wav(folder / "stereo.wav", result.stereo)
-    transcript = {**result.transcript(), "model": moshi.source, "seed": p["seed"]}
+    # batch_peak: the most dialogues (this one included) that shared this one's steps.
+    transcript = {**result.transcript(), "model": moshi.source, "seed": p["seed"], "batch_peak": result.peak_batch}
     atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
     codes = MimiTokens(codes=result.tokens[1:], num_samples=[result.audio.shape[-1]], codec=moshi.mimi.checkpoint_id)
     save_tokens(folder / "tokens.safetensors", codes)
