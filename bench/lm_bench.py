@@ -6,9 +6,19 @@
 `full` is the 7B (15.4 GB in bfloat16; each side runs in its own process, one after the
 other). Both sides get random weights of the same shapes and dtype (timing does not depend
 on the values) and the same user codes; the greedy step (temporal transformer + 8 depth
-steps) is timed. Beside each figure: the memory-bandwidth
-bound, i.e. the bytes of weights a step must read divided by this machine's measured
-read bandwidth for matrix-vector products.
+steps) is timed. Beside each figure: the memory-bandwidth bound, i.e. the bytes of weights a
+step must read divided by this machine's measured read bandwidth.
+
+A child run (`--side`) measures one configuration and prints JSON; `bench/run_all.py` and
+`bench/q8_bench.py` drive them:
+- `--side ours|q8|reference`: our float model, ours with Q8_0 weights kept int8 (`--gguf` loads
+  a file through the user's code path; else the float weights are quantized in memory), or
+  Kyutai's `LMGen`;
+- `--batch N`: N conversations stepped together;
+- `--window full`: every conversation is 3000 steps in (the KV cache full), the cost a long
+  conversation pays each step; the default, `start`, is a conversation's first steps.
+- `--device cuda`: on a GPU (`--realtime` then also counts how many conversations one step
+  carries within 80 ms at p95).
 """
 
 import argparse
@@ -22,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+FRAME_SECONDS = 0.08
 
 
 def lm_kwargs(config: str) -> dict:
@@ -43,7 +55,7 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def step_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per step: every weight but the embedding tables (only one row each is read),
+    """Bytes of weights read per step: all but the embedding tables (one row each is read),
     8-bit ones as their int8 values and float16 scales."""
     from moshi_core.q8 import Q8Weight
 
@@ -59,23 +71,36 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def gemv_bandwidth(dtype: torch.dtype = torch.float32) -> float:
-    """Bytes/s of x @ W.T for a cold 1 GB of weights, the access pattern of one decode step.
-    float32 is the default: it is the dtype this machine's GEMV streams fastest (without native
-    bfloat16 instructions a bfloat16 GEMV is compute-bound), so bytes / this is the bound."""
-    weights = [torch.randn(4096, 4096).to(dtype) for _ in range(32)]
-    x = torch.randn(1, 4096).to(dtype)
-    for w in weights:
-        x @ w.T
-    start = time.perf_counter()
-    for _ in range(3):
-        for w in weights:
-            x @ w.T
-    elapsed = (time.perf_counter() - start) / 3
-    return sum(w.numel() * w.element_size() for w in weights) / elapsed
+def cache_bytes(kwargs: dict, batch: int, window: str, dtype: torch.dtype) -> int:
+    """Bytes of the temporal KV cache a step must read: none at a conversation's start, every
+    entry (keys and values of `context` steps in every layer) when the window is full."""
+    if window == "start":
+        return 0
+    return kwargs["num_layers"] * 2 * batch * kwargs["context"] * kwargs["dim"] * dtype.itemsize
 
 
-def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype) -> torch.nn.Module:
+def read_bandwidth() -> float:
+    """Bytes/s this machine streams from memory into a matrix-vector product (cold 1 GB of
+    float32 weights, batch 1): the best of PyTorch's GEMV and our skinny kernel, so the bound
+    is the hardware's, not one implementation's."""
+    from moshi_core.linear import linear
+
+    weights = [torch.randn(4096, 4096) for _ in range(16)]
+    x = torch.randn(1, 4096)
+    best = 0.0
+    with torch.no_grad():
+        for matmul in (lambda w: x @ w.T, lambda w: linear(x, w)):
+            for w in weights:
+                matmul(w)
+            for _ in range(3):
+                start = time.perf_counter()
+                for w in weights:
+                    matmul(w)
+                best = max(best, sum(w.numel() * 4 for w in weights) / (time.perf_counter() - start))
+    return best
+
+
+def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """`model` with every matrix whose rows are whole 32-blocks in Q8_0 (int8 kept), as Candle's
     q8 GGUF stores them, loaded through the same code as a checkpoint."""
     from moshi_core.checkpoints import materialize
@@ -93,30 +118,64 @@ def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype) -> torch.
             state[name] = value
     with torch.device("meta"):
         empty = LMModel(config)
-    return materialize(empty, state, "q8", dtype, "cpu")
+    return materialize(empty, state, "q8", dtype, device)
 
 
-def run_side(side: str, config: str, dtype_name: str, steps: int, batch: int = 1) -> dict:
-    """One side's step times; `side` is ours, q8 (ours, Q8_0 weights kept int8) or reference."""
+def _ours(side: str, kwargs: dict, dtype: torch.dtype, device: str, gguf: str | None):
+    from moshi_core.checkpoints import load_lm
+    from moshi_core.lm import LMConfig, LMModel
+
+    config = LMConfig.from_dict(kwargs)
+    if gguf:
+        return load_lm(gguf, config, dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = LMModel(config)
+    model = model.to_empty(device="cpu").to(dtype).eval()
+    fill_random(model)
+    if side == "q8":
+        return quantized_copy(model, config, dtype, device)
+    return model.to(device)
+
+
+def _fill_window(cache) -> None:
+    """Make every conversation of a KV cache 3000 steps old: all entries valid."""
+    capacity = cache.positions.shape[1]
+    cache.positions.copy_(torch.arange(capacity, device=cache.positions.device).expand_as(cache.positions))
+    cache.offset.fill_(capacity)
+
+
+def _timed_steps(step, user: torch.Tensor, sync) -> list[float]:
+    times = []
+    with torch.no_grad():
+        for t in range(user.shape[0]):
+            start = time.perf_counter()
+            step(user[t])
+            sync()
+            times.append(time.perf_counter() - start)
+    return times[5:]  # the first steps pay for lazy initialisation (and compilation on GPUs)
+
+
+def run_side(side: str, config: str, dtype_name: str, steps: int, batch: int = 1, window: str = "start",
+             device: str = "cpu", gguf: str | None = None, realtime: bool = False) -> dict:
+    """One configuration's step times (and memory): see the module's docstring."""
     dtype = getattr(torch, dtype_name)
     kwargs = lm_kwargs(config)
-    user = torch.randint(0, 2048, (steps + 5, batch, 8, 1), generator=torch.Generator().manual_seed(0))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if side in ("ours", "q8"):
         from moshi_core.generate import LMGenerator
-        from moshi_core.lm import LMConfig, LMModel
         from moshi_core.sampling import SamplingParams
 
-        with torch.device("meta"):
-            model = LMModel(LMConfig.from_dict(kwargs))
-        model = model.to_empty(device="cpu").to(dtype).eval()
-        fill_random(model)
-        if side == "q8":
-            model = quantized_copy(model, LMConfig.from_dict(kwargs), dtype)
+        start = time.perf_counter()
+        model = _ours(side, kwargs, dtype, device, gguf)
+        load_seconds = time.perf_counter() - start
+        rss_model = resident_bytes()
         gen = LMGenerator(model, SamplingParams.greedy())
-        state = gen.init_state(batch)
 
-        def step(codes):
-            return gen.step(codes, state)
+        def make(n: int):
+            state = gen.init_state(n)
+            if window == "full":
+                _fill_window(state.lm)
+            return lambda codes: gen.step(codes, state)
     else:
         from moshi.models.lm import LMGen, LMModel
 
@@ -124,18 +183,40 @@ def run_side(side: str, config: str, dtype_name: str, steps: int, batch: int = 1
             model = LMModel(**kwargs)
         model = model.to_empty(device="cpu").to(dtype).eval()
         fill_random(model)
-        gen = LMGen(model, use_sampling=False)
-        gen.streaming_forever(batch)
+        model = model.to(device)
+        load_seconds, rss_model = None, resident_bytes()
 
-        def step(codes):
-            return gen.step(codes)
-    times = []
-    with torch.no_grad():
-        for t in range(steps + 5):
-            start = time.perf_counter()
-            step(user[t])
-            times.append(time.perf_counter() - start)
-    return summarize(times[5:], step_bytes(model))
+        def make(n: int):  # its attention reads every cache entry at any age: `window` changes nothing
+            gen = LMGen(model, use_sampling=False)
+            gen.streaming_forever(n)
+            return gen.step
+
+    def measure(n: int) -> dict:
+        step = make(n)
+        user = torch.randint(0, 2048, (steps + 5, n, 8, 1), generator=torch.Generator().manual_seed(0)).to(device)
+        times = _timed_steps(step, user, sync)
+        return summarize(times, step_bytes(model) + cache_bytes(kwargs, n, window, dtype))
+
+    result = measure(batch)
+    result.update(rss_model=rss_model, load_seconds=load_seconds, batch=batch, window=window)
+    if device.startswith("cuda"):
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if realtime:
+        result["realtime"] = realtime_sweep(measure)
+    return result
+
+
+def realtime_sweep(measure) -> dict:
+    """p95 of a step of N conversations for N = 1, 2, 4, ...; the largest N within 80 ms."""
+    sweep, n = {}, 1
+    while n <= 256:
+        p95 = measure(n)["p95"]
+        sweep[n] = p95
+        if p95 > FRAME_SECONDS:
+            break
+        n *= 2
+    within = [n for n, p95 in sweep.items() if p95 <= FRAME_SECONDS]
+    return {"p95_by_conversations": sweep, "max_realtime": max(within) if within else 0}
 
 
 def resident_bytes() -> int:
@@ -155,28 +236,38 @@ def summarize(times: list[float], read_bytes: int) -> dict:
             "rss": resident_bytes()}
 
 
+def child(*args: str) -> dict:
+    """One measurement in a process of its own (memory and caches start clean)."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"lm_bench {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["reduced", "full"], default="reduced")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--side", choices=["ours", "q8", "reference"], help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "q8", "reference"], help="measure one side (prints JSON)")
+    parser.add_argument("--batch", type=int, default=1, help="conversations stepped together (default: 1)")
+    parser.add_argument("--window", choices=["start", "full"], default="start")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gguf", help="with --side q8: a model.q8.gguf to load")
+    parser.add_argument("--realtime", action="store_true", help="with --device cuda: the real-time sweep")
     args = parser.parse_args()
-    if args.side:  # a child process: one side, result as JSON
-        print(json.dumps(run_side(args.side, args.config, args.dtype, args.steps, args.batch)))
+    if args.side:
+        print(json.dumps(run_side(args.side, args.config, args.dtype, args.steps, args.batch, args.window,
+                                  args.device, args.gguf, args.realtime)))
         return
-    results = {}
-    for side in ("ours", "reference"):
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--config", args.config, "--dtype", args.dtype,
-                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
-        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    bandwidth = gemv_bandwidth()
+    common = ("--config", args.config, "--dtype", args.dtype, "--steps", str(args.steps))
+    results = {side: child("--side", side, *common) for side in ("ours", "reference")}
+    bandwidth = read_bandwidth()
     bound = results["ours"]["bytes"] / bandwidth
     print(f"Moshi LM step ({args.config} config, {args.dtype}, greedy, batch 1), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"weights read per step {results['ours']['bytes'] / 1e9:.2f} GB, "
-          f"measured GEMV bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| measure | ours | reference | speed-up | bandwidth bound |")
     print("|---|---:|---:|---:|---:|")
     for q in ("p50", "p95"):

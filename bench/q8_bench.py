@@ -1,18 +1,23 @@
-"""The 7B Moshi LM in 8 bits: Kyutai's Candle q8 GGUF kept int8 (ours) vs bfloat16 (ours and
-the reference `moshi==0.2.13`), step time and resident memory, in one run.
+"""The 7B Moshi LM: Kyutai's Candle q8 GGUF kept int8 (ours) and bfloat16 (ours and the
+reference `moshi==0.2.13`), step time and resident memory, in one run.
 
-    python bench/q8_bench.py [--steps 10] [--workdir /tmp] [--keep]
+    python bench/q8_bench.py [--steps 10] [--workdir /tmp] [--keep] [--configs q8,q8-full,...]
 
 A full-size `model.q8.gguf` (8.2 GB, Candle's names and types, random Q8_0 blocks) is
 generated first, in `--workdir`, and deleted at the end unless `--keep`: it is loaded through
 the same code as a user's download. Each configuration runs in its own process, one after
-the other (the machine holds one 7B at a time). "Bound" is the bytes of weights a step reads
-divided by the GEMV bandwidth measured on this machine.
+the other (the machine holds one 7B at a time):
+
+- q8: one conversation at its start; q8-full: one conversation 3000 steps in (a full KV
+  cache read every step); q8-x4 / q8-x4-full: four conversations batched;
+- bf16: ours in bfloat16; reference: Kyutai's `LMGen` in bfloat16.
+
+"Bound" is the bytes a step must read (weights, and the KV cache when full) divided by the
+read bandwidth measured on this machine.
 """
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +29,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from lm_bench import gemv_bandwidth, resident_bytes, step_bytes, summarize  # noqa: E402
+from lm_bench import child, read_bandwidth  # noqa: E402
+
+CONFIGS = {  # name: (label, lm_bench arguments)
+    "q8": ("q8 (int8 kept), ours", ("--side", "q8")),
+    "q8-full": ("q8, ours, full 3000-step window", ("--side", "q8", "--window", "full")),
+    "q8-x4": ("q8, ours, 4 conversations", ("--side", "q8", "--batch", "4")),
+    "q8-x4-full": ("q8, ours, 4 conversations, full window", ("--side", "q8", "--batch", "4", "--window", "full")),
+    "bf16": ("bf16, ours", ("--side", "ours")),
+    "reference": ("bf16, reference", ("--side", "reference")),
+}
 
 
 def write_full_gguf(path: Path) -> None:
@@ -62,29 +76,26 @@ def write_full_gguf(path: Path) -> None:
     writer.close()
 
 
-def run_q8(path: Path, steps: int) -> dict:
-    from moshi_core.checkpoints import load_lm
-    from moshi_core.generate import LMGenerator
-    from moshi_core.lm import MOSHI_7B, LMConfig
-    from moshi_core.sampling import SamplingParams
-
-    start = time.perf_counter()
-    model = load_lm(path, LMConfig.from_dict(MOSHI_7B), dtype=torch.bfloat16)
-    load_seconds = time.perf_counter() - start
-    rss_model = resident_bytes()
-    read = step_bytes(model)
-    gen = LMGenerator(model, SamplingParams.greedy())
-    state = gen.init_state(1)
-    user = torch.randint(0, 2048, (steps + 3, 1, 8, 1), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        for t in range(steps + 3):
-            t0 = time.perf_counter()
-            gen.step(user[t], state)
-            times.append(time.perf_counter() - t0)
-    result = summarize(times[3:], read)
-    result.update(rss_model=rss_model, load_seconds=load_seconds)
-    return result
+def run_full(configs: list[str], steps: int, workdir: Path, keep: bool = False, device: str = "cpu",
+             extra: tuple[str, ...] = ()) -> dict:
+    """{label: result} of each configuration, each in a process of its own (`extra`: more
+    lm_bench arguments for every one)."""
+    path = workdir / "moshi-bench-model.q8.gguf"
+    if any(c.startswith("q8") for c in configs) and not path.exists():
+        start = time.perf_counter()
+        write_full_gguf(path)
+        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
+    try:
+        results = {}
+        for name in configs:
+            label, args = CONFIGS[name]
+            gguf = ("--gguf", str(path)) if name.startswith("q8") else ()
+            results[label] = child(*args, "--config", "full", "--steps", str(steps), "--device", device, *gguf, *extra)
+        return results
+    finally:
+        if not keep:
+            path.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -92,52 +103,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--keep", action="store_true", help="keep the generated GGUF")
-    parser.add_argument("--configs", default="q8,bf16,reference",
-                        help="which of q8, bf16 (ours) and reference to run (default: all three)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON (for bench/run_all.py)")
-    parser.add_argument("--q8-only", metavar="GGUF", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default="q8,q8-full,bf16,reference",
+                        help=f"which of {', '.join(CONFIGS)} to run (default: %(default)s)")
     args = parser.parse_args()
-    configs = args.configs.split(",")
-    if args.q8_only:
-        print(json.dumps(run_q8(Path(args.q8_only), args.steps)))
-        return
-    path = Path(args.workdir) / "moshi-bench-model.q8.gguf"
-    if not path.exists():
-        t0 = time.perf_counter()
-        write_full_gguf(path)
-        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    try:
-        def child(*extra: str) -> dict:
-            out = subprocess.run([sys.executable, *extra], capture_output=True, text=True, check=True)
-            return json.loads(out.stdout.strip().splitlines()[-1])
-
-        lm_bench = str(ROOT / "bench" / "lm_bench.py")
-        runs = {
-            "q8": ("q8, ours", (__file__, "--q8-only", str(path))),
-            "bf16": ("bf16, ours", (lm_bench, "--side", "ours", "--config", "full")),
-            "reference": ("bf16, reference", (lm_bench, "--side", "reference", "--config", "full")),
-        }
-        results = {runs[c][0]: child(*runs[c][1], "--steps", str(args.steps)) for c in configs}
-    finally:
-        if not args.keep:
-            path.unlink(missing_ok=True)
-    if args.json:
-        print(json.dumps(results))
-        return
-    bandwidth = gemv_bandwidth()
-    print(f"Moshi 7B LM step (greedy, batch 1), {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"measured GEMV bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    print("| configuration | weights read per step | step p50 | step p95 | bound | p50 / bound | resident memory |")
+    results = run_full(args.configs.split(","), args.steps, Path(args.workdir), args.keep)
+    bandwidth = read_bandwidth()
+    print(f"Moshi 7B LM step (greedy), {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print("| configuration | bytes read per step | step p50 | step p95 | bound | p50 / bound | resident memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         bound = r["bytes"] / bandwidth
-        rss = r.get("rss_model", r["rss"])
         print(f"| {name} | {r['bytes'] / 1e9:.2f} GB | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | "
-              f"{bound * 1000:.0f} ms | {r['p50'] / bound:.2f} | {rss / 1e9:.1f} GB |")
-    q8 = results.get("q8, ours")
-    if q8:
-        print(f"\nq8: model resident after load {q8['rss_model'] / 1e9:.2f} GB (weights + process), "
-              f"with a conversation's KV cache {q8['rss'] / 1e9:.2f} GB; load {q8['load_seconds']:.0f} s")
+              f"{bound * 1000:.0f} ms | {r['p50'] / bound:.2f} | {r['rss'] / 1e9:.1f} GB |")
+    print(json.dumps(results), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ A transposed conv is the same thing in reverse (sub-pixel convolution): `n` taps
 then input history, like any conv's.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear, skinny_kernel
 from .streaming import keep_mask
 
 
@@ -36,10 +38,22 @@ class ConvState:
             self.first.copy_(torch.ones_like(self.first) if mask is None else self.first | mask)
 
 
-def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """sum_m frames[:, t + m] @ taps[m] (+ bias): frames [B, T + n - 1, D], taps [n, D, E] -> [B, T, E]."""
+def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
+             output_major: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """sum_m frames[:, t + m] @ taps[m] (+ bias): frames [B, T + n - 1, D], taps [n, D, E] -> [B, T, E].
+
+    A streaming call has a few rows (two steps of the deepest layers per frame): then the
+    taps, given row-major by `output_major()` ([n, E, D], made once), go through the skinny
+    kernel, which reads each weight once where a GEMM packs them on every call.
+    """
     n = taps.shape[0]
     B, steps = frames.shape[0], frames.shape[1] - n + 1
+    if output_major is not None and skinny_kernel(frames, B * steps) is not None and not torch.is_grad_enabled():
+        rows_major = output_major()
+        out = linear(frames[:, :steps], rows_major[0], bias)
+        for m in range(1, n):
+            out += linear(frames[:, m : m + steps], rows_major[m])
+        return out
     window = frames[:, :steps].reshape(B * steps, -1)  # a view when B == 1
     out = torch.addmm(bias, window, taps[0]) if bias is not None else window @ taps[0]
     for m in range(1, n):
@@ -73,11 +87,32 @@ class NormConvTranspose1d(nn.Module):
 
 
 class _CausalBase(nn.Module):
-    """Streaming logic shared by both convs: keep `padding` input samples per stream."""
+    """Streaming logic shared by both convs: keep `padding` input samples per stream.
+
+    Weights derived from the parameters (re-laid-out taps) are made on first use and kept
+    until the parameters move, change dtype or are loaded again.
+    """
 
     padding: int
     in_channels: int
     pad_mode: str = "constant"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._derived: dict[str, object] = {}
+
+    def _apply(self, fn, recurse=True):
+        self._derived.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _cached(self, name: str, build: Callable[[], object]):
+        if name not in self._derived:
+            self._derived[name] = build()
+        return self._derived[name]
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """The conv of x [B, padding + L, C_in], left context included."""
@@ -139,7 +174,11 @@ class StreamingConv1d(_CausalBase):
         weight = self.conv.conv.weight  # [C_out, C_in, k], stored as [k, C_in, C_out]
         k, c_out = weight.shape[2], weight.shape[0]
         taps = weight.permute(2, 1, 0).reshape(k // self.stride, self.stride * C, c_out)  # a view
-        return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias)
+
+        def output_major() -> torch.Tensor:
+            return self._cached("output_major", lambda: taps.detach().transpose(1, 2).contiguous())
+
+        return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias, output_major)
 
 
 class StreamingConvTranspose1d(_CausalBase):
@@ -165,36 +204,28 @@ class StreamingConvTranspose1d(_CausalBase):
         self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
         self.in_channels, self.stride, self.taps = in_channels, stride, kernel_size // stride
         self.padding = self.taps - 1
-        self._subpixel: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def _apply(self, fn, recurse=True):
-        self._subpixel = None  # moves and casts invalidate the derived weights
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._subpixel = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def _subpixel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Taps [n, C_in, S * C_out] (or [n, S, C] depthwise), reversed in time, and the bias."""
-        if self._subpixel is None:
-            convtr, n, s = self.convtr.convtr, self.taps, self.stride
-            w = convtr.weight.detach()  # [C_in, C_out / groups, n * s]
-            if convtr.groups == 1:
-                taps = w.view(w.shape[0], w.shape[1], n, s).permute(2, 0, 3, 1).flip(0)
-                taps = taps.reshape(n, w.shape[0], s * w.shape[1])
-            else:
-                taps = w.view(w.shape[0], n, s).permute(1, 2, 0).flip(0)  # [n, S, C]
-            bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
-            self._subpixel = (taps.contiguous(), bias)
-        return self._subpixel
+        convtr, n, s = self.convtr.convtr, self.taps, self.stride
+        w = convtr.weight.detach()  # [C_in, C_out / groups, n * s]
+        if convtr.groups == 1:
+            taps = w.view(w.shape[0], w.shape[1], n, s).permute(2, 0, 3, 1).flip(0)
+            taps = taps.reshape(n, w.shape[0], s * w.shape[1])
+        else:
+            taps = w.view(w.shape[0], n, s).permute(1, 2, 0).flip(0)  # [n, S, C]
+        bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
+        return taps.contiguous(), bias
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        taps, bias = self._subpixel_weights()
+        taps, bias = self._cached("subpixel", self._subpixel_weights)
         B, L, C = x.shape
         steps = L - self.padding
         if self.convtr.convtr.groups == 1:
-            out = tap_conv(x, taps, bias)  # [B, T, S * C_out], phase-major per frame
+            def output_major() -> torch.Tensor:
+                return self._cached("output_major", lambda: taps.transpose(1, 2).contiguous())
+
+            out = tap_conv(x, taps, bias, output_major)  # [B, T, S * C_out], phase-major per frame
         else:
             out = sum(x[:, m : m + steps, None, :] * taps[m] for m in range(self.taps))  # [B, T, S, C]
             if bias is not None:

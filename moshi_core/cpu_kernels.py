@@ -21,8 +21,9 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 KERNELS = {"linear": ["skinny_linear", "q8_linear"], "attention": ["attention_step"]}
 
 
-def enabled() -> bool:
-    return os.environ.get("MOSHI_CPU_KERNELS", "1") != "0"
+# Read once: the lookup runs for every matrix product of a step.
+ENABLED = os.environ.get("MOSHI_CPU_KERNELS", "1") != "0"
+_built: dict[str, object] = {}
 
 
 @functools.cache
@@ -52,6 +53,8 @@ def kernels(name: str):
 
 def kernel_for(name: str, x: torch.Tensor):
     """The extension to run on `x`, or None (not on a CPU, turned off, or not buildable)."""
-    if x.device.type != "cpu" or not enabled():
+    if not ENABLED or x.device.type != "cpu":
         return None
-    return kernels(name)
+    if name not in _built:
+        _built[name] = kernels(name)
+    return _built[name]

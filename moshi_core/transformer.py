@@ -241,11 +241,11 @@ class Attention(nn.Module):
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self._project(x, self.in_proj_weight, ctx.first_step)
-        kernel = _fused_step_kernel(qkv, keys) if T == 1 else None
+        kernel = _fused_step_kernel(qkv, keys) if T <= FUSED_MAX_STEPS else None
         if kernel is not None:
-            y = kernel.attention_step(qkv.view(B, -1), _rotation_pairs(ctx.rotation), keys, values,
-                                      ctx.slots(x.device)[:, 0], ctx.index[:, 0], ctx.mask[:, 0, 0])
-            return self._project(y.view(B, 1, -1), self.out_proj.weight, ctx.first_step)
+            y = kernel.attention_step(qkv, _rotation_pairs(ctx.rotation), keys, values, ctx.slots(x.device)[:, 0],
+                                      ctx.index, ctx.mask[:, 0])
+            return self._project(y, self.out_proj.weight, ctx.first_step)
         q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         if ctx.rotation is not None:
             q, k = apply_rope(torch.stack([q, k]), ctx.rotation)
@@ -259,6 +259,11 @@ class Attention(nn.Module):
         return self._project(y.transpose(1, 2).reshape(B, T, -1), self.out_proj.weight, ctx.first_step)
 
 
+# Streaming calls (one step of the LM, Mimi's two per frame) take the fused CPU kernel; whole
+# files (offline chunks of many steps) take SDPA, whose matrix products pay there.
+FUSED_MAX_STEPS = 4
+
+
 def _fused_step_kernel(qkv: torch.Tensor, keys: torch.Tensor):
     """Our fused CPU attention step (`csrc/attention.cpp`) where it applies, else None."""
     if qkv.dtype not in (torch.float32, torch.bfloat16) or keys.dtype != qkv.dtype or keys.shape[-1] % 8:
@@ -267,10 +272,10 @@ def _fused_step_kernel(qkv: torch.Tensor, keys: torch.Tensor):
 
 
 def _rotation_pairs(rotation: torch.Tensor | None) -> torch.Tensor:
-    """RoPE rotations as (cos, sin) float32 pairs [A, D / 2, 2]; empty without RoPE."""
+    """RoPE rotations [A, 1, T, D / 2] as (cos, sin) float32 pairs [A, T, D / 2, 2]; empty without RoPE."""
     if rotation is None:
         return torch.empty(0)
-    return torch.view_as_real(rotation).reshape(rotation.shape[0], -1, 2)
+    return torch.view_as_real(rotation[:, 0])
 
 
 class CrossAttention(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moshi_core import cpu_kernels
-from moshi_core.linear import linear
+from moshi_core.linear import SKINNY_MAX_ROWS, linear
 from moshi_core.q8 import Q8Weight
 from moshi_core.transformer import Transformer, TransformerConfig
 
@@ -31,7 +31,7 @@ def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
 def test_skinny_linear_is_the_product_in_float32(linear_kernel, dtype, rows):
     g = torch.Generator().manual_seed(rows)
     for out, inner in ((13, 64), (1030, 512), (8, 2048), (21, 88)):
@@ -77,11 +77,17 @@ def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch)
     w = torch.randn(64, 96, generator=g)
     x = torch.randn(2, 96, generator=g)
     calls = []
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda name: calls.append(name) or linear_kernel)
+
+    class Recorder:
+        def skinny_linear(self, *args):
+            calls.append("linear")
+            return linear_kernel.skinny_linear(*args)
+
+    monkeypatch.setitem(cpu_kernels._built, "linear", Recorder())
     with torch.no_grad():
         linear(x, w)
         assert calls == ["linear"]
-        linear(torch.randn(9, 96), w)  # more rows than a streaming step: PyTorch's GEMM
+        linear(torch.randn(SKINNY_MAX_ROWS + 1, 96), w)  # more rows than a streaming step: PyTorch's GEMM
         linear(x, torch.randn(96, 64).T)  # not contiguous
         linear(torch.randn(2, 36), torch.randn(8, 36))  # inner size not a multiple of 8
     w.requires_grad_(True)
@@ -90,30 +96,32 @@ def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch)
     assert calls == ["linear"] and w.grad is not None
 
 
-def _run(cfg: TransformerConfig, dtype: torch.dtype, kernels_on: bool, monkeypatch, rows_schedule) -> list:
-    monkeypatch.setenv("MOSHI_CPU_KERNELS", "1" if kernels_on else "0")
+def _run(cfg: TransformerConfig, dtype: torch.dtype, kernels_on: bool, monkeypatch, rows_schedule, steps: int) -> list:
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels_on)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dtype).eval()
-    cache = model.init_state(3)
+    cache = model.init_state(3, max_step=steps)
     g = torch.Generator().manual_seed(1)
     outputs = []
     with torch.no_grad():
         for rows in rows_schedule:
-            x = torch.randn(3 if rows is None else len(rows), 1, cfg.d_model, generator=g).to(dtype)
+            x = torch.randn(3 if rows is None else len(rows), steps, cfg.d_model, generator=g).to(dtype)
             outputs.append(model.step(x, cache, None if rows is None else torch.tensor(rows)))
     return outputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("position", ["rope", "none"])
-def test_fused_attention_step_equals_the_pytorch_step(dtype, position, monkeypatch):
-    """Over a wrapping ring, with streams stepped alone, in subsets and all together."""
+@pytest.mark.parametrize("steps", [1, 2])
+def test_fused_attention_step_equals_the_pytorch_step(dtype, position, steps, monkeypatch):
+    """Over a wrapping ring, with streams stepped alone, in subsets and all together, one
+    step per call (the LM) or two (Mimi's transformers)."""
     _kernel("attention")
     cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=5,
                             positional_embedding=position, norm="rms_norm_f32", gating="silu", layer_scale=None)
     schedule = [None, [1], [0, 2], None, [2], [1, 0], None, None, [0], None]
-    fused = _run(cfg, dtype, True, monkeypatch, schedule)
-    reference = _run(cfg, dtype, False, monkeypatch, schedule)
+    fused = _run(cfg, dtype, True, monkeypatch, schedule, steps)
+    reference = _run(cfg, dtype, False, monkeypatch, schedule, steps)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     for got, expected in zip(fused, reference):
         torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)

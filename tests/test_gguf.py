@@ -4,6 +4,7 @@ import gguf
 import pytest
 import torch
 
+from moshi_core import cpu_kernels
 from moshi_core.checkpoints import load_lm
 from moshi_core.errors import CheckpointError
 from moshi_core.gguf import candle_to_ours, read_gguf
@@ -114,7 +115,7 @@ def test_fallback_without_the_cpu_kernel_agrees(int8_and_float, monkeypatch):
     codes = _codes()
     with torch.no_grad():
         with_kernel = int8(codes).logits
-        monkeypatch.setenv("MOSHI_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
         without = int8(codes).logits
     valid = ~with_kernel.isnan()
     torch.testing.assert_close(without[valid], with_kernel[valid], rtol=1e-4, atol=1e-4)
