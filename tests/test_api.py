@@ -4,6 +4,7 @@ Models are the tiny checkpoints of conftest.py, loaded by the workers through th
 path as a user's download.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -32,18 +33,17 @@ def base_env(tmp_path_factory, mimi_checkpoint, tiny_moshi) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, base_env):
-    """Redis, the API and one worker with two processes, as the compose file runs them."""
-    root = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def _running_stack(root: Path, base_env: dict[str, str], concurrency: int, pool: str = "prefork", **extra_env):
+    """Its own redis-server, the API and one worker; their logs are printed if the body fails."""
     redis = Redis(root / "redis").start()
-    env = {**base_env, "REDIS_URL": redis.url, "MOSHI_STORAGE_DIR": str(root / "storage")}
+    env = {**base_env, "REDIS_URL": redis.url, "MOSHI_STORAGE_DIR": str(root / "storage"), **extra_env}
     api, url = start_api(env, root)
-    worker = start_worker(env, root, "worker", concurrency=2)
+    worker = start_worker(env, root, "worker", concurrency=concurrency, pool=pool)
     client = httpx.Client(base_url=url, timeout=30)
     try:
         wait_until(lambda: client.get("/readyz").status_code == 200, 60, "a worker to answer")
-        yield client, env, root
+        yield client, env
     except BaseException:
         print(api.output(), worker.output(), sep="\n----\n")
         raise
@@ -52,6 +52,14 @@ def stack(tmp_path_factory, base_env):
         worker.stop()
         api.stop()
         redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, base_env):
+    """Redis, the API and one worker with two processes, as the compose file runs them."""
+    root = tmp_path_factory.mktemp("stack")
+    with _running_stack(root, base_env, concurrency=2) as (client, env):
+        yield client, env, root
 
 
 def _submit(client: httpx.Client, path: str, file: Path | tuple[str, bytes], headers=None, **form) -> dict:
@@ -124,14 +132,7 @@ def test_encode_decode_dialogue_submit_poll_download(stack, shared_audio, tmp_pa
 def test_a_threads_worker_batches_concurrent_dialogues(tmp_path, base_env, shared_audio):
     """One worker process, threads pool: dialogue jobs that run at once share LM steps, and
     each gives what it gives alone (here: what `moshi-core dialogue` gives)."""
-    redis = Redis(tmp_path / "redis").start()
-    env = {**base_env, "REDIS_URL": redis.url, "MOSHI_STORAGE_DIR": str(tmp_path / "storage"),
-           "MOSHI_DIALOGUE_SLOTS": "3"}
-    api, url = start_api(env, tmp_path)
-    worker = start_worker(env, tmp_path, "batching", concurrency=3, pool="threads")
-    client = httpx.Client(base_url=url, timeout=30)
-    try:
-        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "the worker to answer")
+    with _running_stack(tmp_path, base_env, concurrency=3, pool="threads", MOSHI_DIALOGUE_SLOTS="3") as (client, env):
         speech = shared_audio / "en_question_24k.wav"
         jobs = [_submit(client, "/v1/dialogue", speech, seed=20 + i, max_seconds=3) for i in range(3)]
         done = [_wait(client, job["id"], timeout=300) for job in jobs]
@@ -143,14 +144,6 @@ def test_a_threads_worker_batches_concurrent_dialogues(tmp_path, base_env, share
         _cli("dialogue", str(clip), "-o", str(tmp_path / "alone.wav"), "--model", env["MOSHI_MODEL"], "--dtype",
              "float32", "--seed", "21", "--device", "cpu", env=env)
         assert client.get(f"/v1/jobs/{jobs[1]['id']}/result").content == (tmp_path / "alone.wav").read_bytes()
-    except BaseException:
-        print(api.output(), worker.output(), sep="\n----\n")
-        raise
-    finally:
-        client.close()
-        worker.stop()
-        api.stop()
-        redis.stop()
 
 
 def test_worker_killed_mid_job_is_redelivered_and_succeeds_once(stack, shared_audio):
