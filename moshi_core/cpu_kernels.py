@@ -6,6 +6,7 @@ every caller takes its portable PyTorch path, and `MOSHI_CPU_KERNELS=0` turns th
   and Q8_0 weights (see `moshi_core.linear`).
 - `attention.cpp`: one streaming step of self-attention over a ring KV cache, fused (see
   `moshi_core.transformer.Attention.step`).
+- `norm.cpp`: RMSNorm and the SiLU gate of a few rows, fused.
 """
 
 import functools
@@ -18,7 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-KERNELS = {"linear": ["skinny_linear", "q8_linear"], "attention": ["attention_step"]}
+KERNELS = {"linear": ["skinny_linear", "q8_linear"], "attention": ["attention_step"], "norm": ["rms_norm", "silu_mul"]}
 
 
 # Read once: the lookup runs for every matrix product of a step.

@@ -171,12 +171,13 @@ class _StepContext:
     index: torch.Tensor  # [A, T] cache entry of each new step
     mask: torch.Tensor  # [A, 1, T, C]
     first_step: int
+    slots: torch.Tensor = field(init=False)  # [A, 1] cache rows, to pair with `index`
+    rotation_pairs: torch.Tensor = field(init=False)  # the rotation as (cos, sin) pairs, for the fused kernel
 
-    def slots(self, device: torch.device) -> torch.Tensor:
-        """[A, 1] cache rows, to pair with `index`."""
-        if self.rows is not None:
-            return self.rows[:, None]
-        return torch.arange(self.index.shape[0], device=device)[:, None]
+    def __post_init__(self) -> None:
+        rows = self.rows if self.rows is not None else torch.arange(self.index.shape[0], device=self.index.device)
+        self.slots = rows[:, None]
+        self.rotation_pairs = _rotation_pairs(self.rotation)
 
 
 # -- layers --------------------------------------------------------------------------------
@@ -191,9 +192,23 @@ class RMSNorm(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _fused_rows_kernel(x) if self.in_float32 else None
+        if kernel is not None:
+            return kernel.rms_norm(x, self.alpha, self.eps)
         y = x.float() if self.in_float32 else x
         var = self.eps + y.pow(2).mean(dim=-1, keepdim=True)
         return (y * (self.alpha.to(var) * torch.rsqrt(var))).to(x.dtype)
+
+
+# A streaming step's rows are few: one fused CPU call beats PyTorch's several operations.
+FUSED_MAX_ROWS = 16
+
+
+def _fused_rows_kernel(x: torch.Tensor):
+    """Our fused row kernels (`csrc/norm.cpp`) for a streaming step's few rows on CPU, else None."""
+    if x.numel() > FUSED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
+        return None
+    return kernel_for("norm", x)
 
 
 class LayerNormF32(nn.LayerNorm):
@@ -215,6 +230,8 @@ def _per_step(x: torch.Tensor, first_step: int, cfg: TransformerConfig, apply) -
         return apply(x, 0)
     if first_step + x.shape[1] > cfg.weights_per_step:
         raise ValueError(f"step {first_step + x.shape[1]} is past the {cfg.weights_per_step} per-step weights")
+    if x.shape[1] == 1:
+        return apply(x, cfg.weight_index(first_step))
     return torch.cat([apply(x[:, t : t + 1], cfg.weight_index(first_step + t)) for t in range(x.shape[1])], dim=1)
 
 
@@ -243,16 +260,14 @@ class Attention(nn.Module):
         qkv = self._project(x, self.in_proj_weight, ctx.first_step)
         kernel = _fused_step_kernel(qkv, keys) if T <= FUSED_MAX_STEPS else None
         if kernel is not None:
-            y = kernel.attention_step(qkv, _rotation_pairs(ctx.rotation), keys, values, ctx.slots(x.device)[:, 0],
-                                      ctx.index, ctx.mask[:, 0])
+            y = kernel.attention_step(qkv, ctx.rotation_pairs, keys, values, ctx.slots[:, 0], ctx.index, ctx.mask[:, 0])
             return self._project(y, self.out_proj.weight, ctx.first_step)
         q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         if ctx.rotation is not None:
             q, k = apply_rope(torch.stack([q, k]), ctx.rotation)
         # Indexed writes: `scatter_` copies the whole cache for bfloat16 on CPU (15 ms a layer).
-        slots = ctx.slots(x.device)
-        keys[slots, :, ctx.index] = k.transpose(1, 2)
-        values[slots, :, ctx.index] = v.transpose(1, 2)
+        keys[ctx.slots, :, ctx.index] = k.transpose(1, 2)
+        values[ctx.slots, :, ctx.index] = v.transpose(1, 2)
         if ctx.rows is not None:
             keys, values = keys[ctx.rows], values[ctx.rows]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)
@@ -320,7 +335,11 @@ class ActivationGating(nn.Module):
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_in(x).unflatten(-1, (2, -1)).unbind(-2)
+        gate_up = self.linear_in(x)
+        kernel = _fused_rows_kernel(gate_up) if self.activation is F.silu else None
+        if kernel is not None:
+            return self.linear_out(kernel.silu_mul(gate_up))
+        gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
         return self.linear_out(self.activation(gate) * up)
 
 

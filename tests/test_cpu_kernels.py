@@ -144,3 +144,20 @@ def test_rows_step_only_their_streams(monkeypatch):
             alone = model.init_state(1)
             model.step(x[row : row + 1], alone)
             torch.testing.assert_close(y[i : i + 1], model.step(x[row : row + 1], alone), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_and_silu_gate(dtype):
+    kernel = _kernel("norm")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 256, generator=g).to(dtype)
+    alpha = (torch.rand(1, 1, 256, generator=g) + 0.5).to(dtype)
+    y = x.double()
+    exact = y * alpha.double() / torch.sqrt(1e-8 + y.pow(2).mean(-1, keepdim=True))
+    rounding = 2 ** -8 if dtype == torch.bfloat16 else 1e-6
+    got = kernel.rms_norm(x, alpha, 1e-8)
+    assert got.dtype == dtype and (got.double() - exact).abs().max() <= rounding * exact.abs().max()
+    gate_up = torch.randn(3, 1, 2 * 88, generator=g).to(dtype)
+    got = kernel.silu_mul(gate_up)
+    expected = F.silu(gate_up[..., :88]) * gate_up[..., 88:]  # PyTorch's two roundings
+    torch.testing.assert_close(got, expected, rtol=rounding * 2, atol=rounding * 2)

@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <vector>
 
 namespace {
 
@@ -178,18 +179,34 @@ void matmul(const W& w, const float* x, int64_t M, int64_t K, int64_t O, const f
   else matmul_tiles<2>(w, x, M, K, O, bias, y);
 }
 
+// x [M, K] as float32: x's own data when it is float32, else converted here into `buffer`
+// (a PyTorch conversion costs more than the product on a step of a few rows).
+template <typename T>
+const float* widen(const T* x, int64_t n, std::vector<float>& buffer) {
+  buffer.resize(n);
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]);
+  return buffer.data();
+}
+
 template <typename W>
-torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::optional<torch::Tensor>& bias) {
-  const auto xf = x.scalar_type() == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1);
+torch::Tensor run(const W& w, const torch::Tensor& x_in, int64_t O, const c10::optional<torch::Tensor>& bias) {
+  const auto x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
   torch::Tensor bf;
   const float* bp = nullptr;
   if (bias.has_value()) {
-    bf = bias->to(torch::kFloat32).contiguous();
+    bf = bias->scalar_type() == torch::kFloat32 ? bias->contiguous() : bias->to(torch::kFloat32).contiguous();
     bp = bf.data_ptr<float>();
   }
   auto y = torch::empty({M, O}, x.options());
-  const float* xp = xf.data_ptr<float>();
+  std::vector<float> buffer;
+  const float* xp = nullptr;
+  switch (x.scalar_type()) {
+    case torch::kFloat32: xp = x.data_ptr<float>(); break;
+    case torch::kBFloat16: xp = widen(x.data_ptr<at::BFloat16>(), M * K, buffer); break;
+    case torch::kFloat16: xp = widen(x.data_ptr<at::Half>(), M * K, buffer); break;
+    default: TORCH_CHECK(false, "skinny_linear: activations must be float32, bfloat16 or float16");
+  }
   switch (x.scalar_type()) {
     case torch::kFloat32: matmul(w, xp, M, K, O, bp, y.data_ptr<float>()); break;
     case torch::kBFloat16: matmul(w, xp, M, K, O, bp, y.data_ptr<at::BFloat16>()); break;
