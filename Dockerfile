@@ -1,7 +1,7 @@
 # One image for every role; the command picks it:
 #   python app.py                          web UI + live conversation + REST API (port 7860)
 #   python -m api --port 8000              REST API alone (light: queues jobs on REDIS_URL)
-#   celery -A workers worker -Q moshi.lm,moshi.codec -c 1 -n gpu0@%h   a GPU worker
+#   celery -A workers worker -Q moshi.lm,moshi.codec -P threads -c 8 -n gpu0@%h   a GPU worker (batches dialogue jobs)
 # The base image brings a CUDA build of PyTorch (inside the range pyproject.toml accepts),
 # so installing the project adds no second torch.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime

@@ -24,7 +24,6 @@ KERNELS = {"linear": ["skinny_linear", "q8_linear"], "attention": ["attention_st
 
 # Read once: the lookup runs for every matrix product of a step.
 ENABLED = os.environ.get("MOSHI_CPU_KERNELS", "1") != "0"
-_built: dict[str, object] = {}
 
 
 @functools.cache
@@ -56,6 +55,4 @@ def kernel_for(name: str, x: torch.Tensor):
     """The extension to run on `x`, or None (not on a CPU, turned off, or not buildable)."""
     if not ENABLED or x.device.type != "cpu":
         return None
-    if name not in _built:
-        _built[name] = kernels(name)
-    return _built[name]
+    return kernels(name)

@@ -120,8 +120,9 @@ class LMGenerator:
         inputs = torch.where(before_start, lm.initial_tokens(A), inputs)
 
         z, text_logits = self._forward_text(inputs, state.lm, rows=rows)
-        text = self._sample(text_logits[:, 0, 0], state, rows, text=True)
-        audio = self._depth_step(text, z, state, rows)
+        slots = None if rows is None else rows.tolist()  # once a step: 9 samplings read it
+        text = self._sample(text_logits[:, 0, 0], state, slots, text=True)
+        audio = self._depth_step(text, z, state, slots)
 
         offsets = offsets + 1
         written = (offsets % ring)[:, None, None]
@@ -139,14 +140,14 @@ class LMGenerator:
         out = tokens[:, : 1 + cfg.dep_q].gather(2, read[..., None])[..., 0]
         return torch.where((offsets <= self.max_delay)[:, None], UNGENERATED_TOKEN, out), z
 
-    def _sample(self, logits: torch.Tensor, state: GenerationState, rows: torch.Tensor | None,
+    def _sample(self, logits: torch.Tensor, state: GenerationState, slots: list[int] | None,
                 text: bool) -> torch.Tensor:
         if state.slots is not None:
-            return state.slots.sample(logits, text, None if rows is None else rows.tolist())
+            return state.slots.sample(logits, text, slots)
         return sample_token(logits, *self.sampling.for_stream(text), self.sampling.use_sampling, self.generator)
 
     def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState,
-                    rows: torch.Tensor | None) -> torch.Tensor:
+                    slots: list[int] | None) -> torch.Tensor:
         """Moshi's dep_q audio codes for this step, codebook after codebook: [A, dep_q]."""
         lm = self.lm
         if lm.cfg.dep_q == 0:  # text only (speech-to-text): no depth transformer
@@ -155,6 +156,6 @@ class LMGenerator:
         previous, codes = text, []
         for slot in range(lm.cfg.dep_q):
             logits = self._depformer_logits(slot, z, previous[:, None], cache)
-            previous = self._sample(logits[:, 0], state, rows, text=False)
+            previous = self._sample(logits[:, 0], state, slots, text=False)
             codes.append(previous)
         return torch.stack(codes, dim=1)

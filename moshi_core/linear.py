@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_kernels import kernel_for
+from .q8 import QuantizedWeight
 
 # Up to this many activation rows the skinny kernel beats PyTorch's GEMM on CPU (measured on a
 # 2-core AMD EPYC: 1.3-4x faster at 4-16 rows, even at 24-32, behind at 96); beyond, the GEMM pays.
@@ -24,8 +25,6 @@ _SKINNY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [O, K]ᵀ (+ bias) -> [..., O], in x's dtype."""
-    from .q8 import QuantizedWeight
-
     if isinstance(weight, QuantizedWeight):
         return weight(x, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

@@ -83,7 +83,7 @@ def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch)
             calls.append("linear")
             return linear_kernel.skinny_linear(*args)
 
-    monkeypatch.setitem(cpu_kernels._built, "linear", Recorder())
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda name: Recorder())
     with torch.no_grad():
         linear(x, w)
         assert calls == ["linear"]
