@@ -6,7 +6,7 @@
 # so installing the project adds no second torch.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
-# g++: the CPU kernels (moshi_core/csrc/) are compiled on first use; CUDA runs without them.
+# g++: the CPU kernels (moshi_core/csrc/), built into the image below; CUDA runs without them.
 # ffmpeg: Gradio encodes the TTS tab's streamed audio with it.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ ffmpeg && rm -rf /var/lib/apt/lists/*
 
@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY moshi_core moshi_core
 COPY api api
 COPY workers workers
-RUN pip install --no-cache-dir ".[app]"
+RUN pip install --no-cache-dir ".[app]" && moshi-core build-kernels
 COPY app.py .
 
 # Weights (HF cache) and jobs live on volumes shared by the API and the workers.

@@ -18,6 +18,7 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[app]"
+	$(VENV)/bin/moshi-core build-kernels
 	touch $@
 
 # The reference's own test assets (a tiny LM, its inputs and outputs) come with its sdist.

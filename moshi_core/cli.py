@@ -1,6 +1,7 @@
 """`moshi-core` command line: Mimi encode/decode and Moshi dialogue from files."""
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models --model knows by name",
                    description="The Hub repos moshi-core runs, with what they hold. Any folder laid out "
                                "like them works too.")
+
+    sub.add_parser("build-kernels", help="compile the CPU kernels now rather than on first use",
+                   description="Build (or find in the cache) the C++ kernels a CPU step runs (moshi_core/csrc; "
+                               "about a minute on two cores). Without them the portable PyTorch path runs.")
 
     dia = sub.add_parser(
         "dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
@@ -265,13 +270,25 @@ def _models(args: argparse.Namespace) -> None:
         print(f"{repo:32s} {what}{'  [default]' if repo == DEFAULT_LM_SOURCE else ''}")
 
 
+def _build_kernels(args: argparse.Namespace) -> None:
+    from . import cpu_kernels
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the reason a build failed
+    began = time.monotonic()
+    built = cpu_kernels.kernels() is not None
+    state = "ready" if built else "not available, the portable PyTorch path runs"
+    if built and not cpu_kernels.ENABLED:
+        state += ", but MOSHI_CPU_KERNELS=0 turns them off"
+    print(f"CPU kernels: {state} ({time.monotonic() - began:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from .tts_cli import run_tts
 
         commands = {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "transcribe": _transcribe,
-                    "models": _models, "tts": run_tts}
+                    "models": _models, "tts": run_tts, "build-kernels": _build_kernels}
         commands[args.command](args)
     except MoshiError as exc:
         print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)

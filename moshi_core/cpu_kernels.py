@@ -1,6 +1,8 @@
-"""Our C++ CPU kernels (`csrc/`), compiled on first use with `torch.utils.cpp_extension` (cached
-afterwards) for x86-64 CPUs with AVX2, FMA and F16C. Without a compiler or those instructions
-every caller takes its portable PyTorch path, and `MOSHI_CPU_KERNELS=0` turns them off.
+"""Our C++ CPU kernels (`csrc/`), for x86-64 CPUs with AVX2, FMA and F16C. They are one
+extension, built with `torch.utils.cpp_extension` on first use and cached afterwards (about a
+minute on two cores: `moshi-core build-kernels` builds it ahead, as `make setup` and the Docker
+image do). Without a compiler or those instructions every caller takes its portable
+PyTorch path, and `MOSHI_CPU_KERNELS=0` turns them off.
 
 - `linear.cpp`: matrix products with a few activation rows, for float32, bfloat16, float16
   and Q8_0 weights (see `moshi_core.linear`).
@@ -19,7 +21,9 @@ import torch
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-KERNELS = {"linear": ["skinny_linear", "q8_linear"], "attention": ["attention_step"], "norm": ["rms_norm", "silu_mul"]}
+# common.h first: the sources are one translation unit. Their text is what the build cache is keyed on.
+SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp")
+FUNCTIONS = ["skinny_linear", "q8_linear", "attention_step", "rms_norm", "silu_mul"]
 
 
 # Read once: the lookup runs for every matrix product of a step.
@@ -37,22 +41,24 @@ def supported() -> bool:
 
 
 @functools.cache
-def kernels(name: str):
-    """The compiled extension `csrc/{name}.cpp`, or None where it cannot be built (the reason is logged)."""
+def kernels():
+    """The compiled extension, or None where it cannot be built (the reason is logged)."""
     try:
         if not supported():
             raise RuntimeError("this CPU lacks AVX2, FMA or F16C")
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(f"moshi_core_{name}", cpp_sources=(CSRC / f"{name}.cpp").read_text(),
-                           functions=KERNELS[name], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        sources = [(CSRC / name).read_text() for name in SOURCES]
+        return load_inline("moshi_core_kernels", cpp_sources=sources, functions=FUNCTIONS,
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # any build problem means: use the portable path
-        log.warning("CPU kernel %s unavailable (%s); using the portable path", name, exc)
+        log.warning("CPU kernels unavailable (%s); using the portable path", exc)
         return None
 
 
-def kernel_for(name: str, x: torch.Tensor):
+def kernel_for(x: torch.Tensor):
     """The extension to run on `x`, or None (not on a CPU, turned off, or not buildable)."""
     if not ENABLED or x.device.type != "cpu":
         return None
-    return kernels(name)
+    return kernels()
+

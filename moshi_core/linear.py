@@ -40,7 +40,7 @@ def skinny_kernel(x: torch.Tensor, rows: int):
     """The skinny kernel where a product of `rows` rows of x would take it (weights permitting), else None."""
     if not 0 < rows <= SKINNY_MAX_ROWS or x.dtype not in _SKINNY_DTYPES:
         return None
-    return kernel_for("linear", x)
+    return kernel_for(x)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -122,7 +122,7 @@ class QuantizedWeight:
 
 class Q8Weight(QuantizedWeight, Q8Tensor):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = kernel_for("linear", x)
+        kernel = kernel_for(x)
         if kernel is not None:
             return kernel.q8_linear(x, self.qs, self.scales)
         return _slab_matmul(x, self)

@@ -208,7 +208,7 @@ def _fused_rows_kernel(x: torch.Tensor):
     """Our fused row kernels (`csrc/norm.cpp`) for a streaming step's few rows on CPU, else None."""
     if x.numel() > FUSED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
         return None
-    return kernel_for("norm", x)
+    return kernel_for(x)
 
 
 class LayerNormF32(nn.LayerNorm):
@@ -283,7 +283,7 @@ def _fused_step_kernel(qkv: torch.Tensor, keys: torch.Tensor):
     """Our fused CPU attention step (`csrc/attention.cpp`) where it applies, else None."""
     if qkv.dtype not in (torch.float32, torch.bfloat16) or keys.dtype != qkv.dtype or keys.shape[-1] % 8:
         return None
-    return kernel_for("attention", qkv)
+    return kernel_for(qkv)
 
 
 def _rotation_pairs(rotation: torch.Tensor | None) -> torch.Tensor:

@@ -68,3 +68,12 @@ def test_help_explains_every_flag():
     assert done.returncode == 0
     for flag in ("--num-codebooks", "--mimi", "--revision", "--device", "--max-seconds", "--quiet"):
         assert flag in done.stdout
+
+
+def test_build_kernels_reports_what_a_step_will_run():
+    from moshi_core import cpu_kernels
+
+    done = run_cli("build-kernels")
+    assert done.returncode == 0, done.stderr
+    expected = "ready" if cpu_kernels.supported() else "not available"
+    assert done.stdout.startswith(f"CPU kernels: {expected}"), done.stdout

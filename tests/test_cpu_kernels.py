@@ -11,17 +11,13 @@ from moshi_core.q8 import Q8Weight
 from moshi_core.transformer import Transformer, TransformerConfig
 
 
-def _kernel(name: str):
+@pytest.fixture(scope="module")
+def kernel():
     if not cpu_kernels.supported():
         pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")
-    kernel = cpu_kernels.kernels(name)
-    assert kernel is not None, f"the {name} kernel failed to build (see the warning logged)"
-    return kernel
-
-
-@pytest.fixture(scope="module")
-def linear_kernel():
-    return _kernel("linear")
+    built = cpu_kernels.kernels()
+    assert built is not None, "the kernels failed to build (see the warning logged)"
+    return built
 
 
 def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
@@ -32,13 +28,13 @@ def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
-def test_skinny_linear_is_the_product_in_float32(linear_kernel, dtype, rows):
+def test_skinny_linear_is_the_product_in_float32(kernel, dtype, rows):
     g = torch.Generator().manual_seed(rows)
     for out, inner in ((13, 64), (1030, 512), (8, 2048), (21, 88)):
         w = torch.randn(out, inner, generator=g).to(dtype)
         x = torch.randn(rows, inner, generator=g).to(dtype)
         bias = torch.randn(out, generator=g).to(dtype)
-        got = linear_kernel.skinny_linear(x, w, bias)
+        got = kernel.skinny_linear(x, w, bias)
         exact = F.linear(x.double(), w.double(), bias.double())
         assert got.dtype == dtype and got.shape == (rows, out)
         # float32 sums, then one rounding to the output dtype
@@ -47,20 +43,20 @@ def test_skinny_linear_is_the_product_in_float32(linear_kernel, dtype, rows):
         assert (got.double() - exact).abs().max() <= tolerance
 
 
-def test_a_row_gives_the_same_bits_alone_or_in_a_batch(linear_kernel):
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch(kernel):
     """A conversation's numbers must not depend on who shares its batch (batched slots,
     batched jobs): every row is the same sum in the same order."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(777, 1024, generator=g).bfloat16()
     q8 = _random_q8(777, 1024, g)
     x = torch.randn(7, 1024, generator=g)
-    for batched, alone in ((linear_kernel.skinny_linear(x, w, None), [linear_kernel.skinny_linear(r, w, None) for r in x.split(1)]),
+    for batched, alone in ((kernel.skinny_linear(x, w, None), [kernel.skinny_linear(r, w, None) for r in x.split(1)]),
                            (q8(x), [q8(r) for r in x.split(1)])):
         assert torch.equal(batched, torch.cat(alone))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 9])
-def test_q8_linear_is_the_dequantized_product(linear_kernel, rows):
+def test_q8_linear_is_the_dequantized_product(kernel, rows):
     g = torch.Generator().manual_seed(rows)
     w = _random_q8(300, 1024, g)
     x = torch.randn(rows, 1024, generator=g)
@@ -72,7 +68,7 @@ def test_q8_linear_is_the_dequantized_product(linear_kernel, rows):
         assert (got.double() - exact).abs().max() <= (rounding + 1e-6) * exact.abs().max() + 1e-3 * rounding
 
 
-def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch):
+def test_linear_routes_only_what_the_kernel_computes(kernel, monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 96, generator=g)
     x = torch.randn(2, 96, generator=g)
@@ -81,9 +77,9 @@ def test_linear_routes_only_what_the_kernel_computes(linear_kernel, monkeypatch)
     class Recorder:
         def skinny_linear(self, *args):
             calls.append("linear")
-            return linear_kernel.skinny_linear(*args)
+            return kernel.skinny_linear(*args)
 
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda name: Recorder())
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: Recorder())
     with torch.no_grad():
         linear(x, w)
         assert calls == ["linear"]
@@ -113,10 +109,9 @@ def _run(cfg: TransformerConfig, dtype: torch.dtype, kernels_on: bool, monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("position", ["rope", "none"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_fused_attention_step_equals_the_pytorch_step(dtype, position, steps, monkeypatch):
+def test_fused_attention_step_equals_the_pytorch_step(kernel, dtype, position, steps, monkeypatch):
     """Over a wrapping ring, with streams stepped alone, in subsets and all together, one
     step per call (the LM) or two (Mimi's transformers)."""
-    _kernel("attention")
     cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=5,
                             positional_embedding=position, norm="rms_norm_f32", gating="silu", layer_scale=None)
     schedule = [None, [1], [0, 2], None, [2], [1, 0], None, None, [0], None]
@@ -147,8 +142,7 @@ def test_rows_step_only_their_streams(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_and_silu_gate(dtype):
-    kernel = _kernel("norm")
+def test_fused_rms_norm_and_silu_gate(kernel, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, 256, generator=g).to(dtype)
     alpha = (torch.rand(1, 1, 256, generator=g) + 0.5).to(dtype)

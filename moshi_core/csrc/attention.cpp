@@ -8,24 +8,11 @@
 // Arithmetic is float32. The rotated query and key are rounded to the cache's dtype first, as
 // the unfused path stores and reads them.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+// Built after common.h, as one unit with the other kernels (see there).
 #include <cmath>
 #include <vector>
 
 namespace {
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {  // a bfloat16 is the top half of a float32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 // x [D] rotated by RoPE's interleaved pairs (rot: D / 2 (cos, sin) pairs), or copied; rounded to T.
 template <typename T>

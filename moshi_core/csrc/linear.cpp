@@ -16,9 +16,7 @@
 // short for the hardware prefetcher to ramp up, so while a tile is computed the next tile's
 // bytes are prefetched, spread over its block steps (1.5x on the depth transformer's matrices).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+// Built after common.h, as one unit with the other kernels (see there).
 #include <vector>
 
 namespace {
@@ -47,10 +45,7 @@ struct F32Weights : FloatWeights<float, 4> {
 };
 
 struct BF16Weights : FloatWeights<uint16_t, 2> {
-  inline __m256 eight(int64_t row, int64_t k) const {  // a bfloat16 is the top half of a float32
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + row * K + k)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
+  inline __m256 eight(int64_t row, int64_t k) const { return bf16x8(w + row * K + k); }
   inline void block(int64_t row, int64_t b, __m256 out[4]) const {
     for (int i = 0; i < 4; ++i) out[i] = eight(row, b * BLOCK + 8 * i);
   }
@@ -84,12 +79,6 @@ struct Q8Weights {
     if (b * LINE < rows * (K / BLOCK) * 2) _mm_prefetch(first + b * LINE, _MM_HINT_T0);
   }
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 template <typename T>
 inline void store(T* y, float v) { *y = static_cast<T>(v); }  // bfloat16/float16: round to nearest even

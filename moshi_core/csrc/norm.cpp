@@ -2,8 +2,7 @@
 // one call instead of the handful of PyTorch operations (and dtype conversions) each takes,
 // which on a streaming step of a few rows cost more than the arithmetic.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// Built after common.h, as one unit with the other kernels (see there).
 #include <cmath>
 
 namespace {
