@@ -1,13 +1,14 @@
 """Live conversation: per-frame server time and the latency the serving path adds to it.
 
-    python bench/live_bench.py [--slots 1] [--steps 200]
+    python bench/live_bench.py [--slots 1] [--active N] [--steps 200]
 
 On the tiny test config (a 7B-shaped LM with 64-wide layers, the full-size Mimi, random
 weights, float32, CPU): times Mimi encode, the LM step and Mimi decode of one batched step
-of `--slots` conversations, then serves `/api/chat` (PCM variant) on this machine and
+of `--active` conversations (default: every slot) on an engine of `--slots` slots, then
+serves `/api/chat` (PCM variant) from an engine of `--slots` slots to one client and
 measures the round trip of a frame: sent by the client -> the answering frame received.
-The round trip minus the server's step time is
-what the path adds (websocket, PCM conversion, the event loop, the worker thread hop).
+The round trip minus the server's step time for one conversation is what the path adds
+(websocket, PCM conversion, the event loop, the worker thread hop).
 """
 
 import argparse
@@ -50,24 +51,27 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000
 
 
-def time_steps(models, slots: int, steps: int) -> dict[str, list[float]]:
+def time_steps(models, slots: int, active: int, steps: int) -> dict[str, list[float]]:
+    """The parts of an engine step with `active` of its `slots` conversations in progress,
+    stepped as `LiveEngine.step` steps them (the others' rows left alone)."""
     from moshi_core.live import LiveEngine
 
     engine = LiveEngine(models, slots=slots)
-    for _ in range(slots):
+    for _ in range(active):
         engine.open(seed=0)
     mimi, gen = models.mimi, engine.generator
     lm_state, mimi_state = engine._lm_state, engine._mimi_state
-    wav = torch.randn(slots, 1, 1920) * 0.1
+    rows = None if active == slots else torch.arange(active)
+    wav = torch.randn(active, 1, 1920) * 0.1
     times: dict[str, list[float]] = {"encode": [], "lm": [], "decode": [], "total": []}
     with torch.inference_mode():
         for t in range(steps + 10):
             t0 = time.perf_counter()
-            codes = mimi.encode_step(wav, mimi_state, 8)
+            codes = mimi.encode_step(wav, mimi_state, 8, rows)
             t1 = time.perf_counter()
-            out = gen.step(codes, lm_state)
+            out = gen.step(codes, lm_state, rows)
             t2 = time.perf_counter()
-            mimi.decode_step(out[:, 1:, None].clamp(min=0), mimi_state)
+            mimi.decode_step(out[:, 1:, None].clamp(min=0), mimi_state, rows)
             t3 = time.perf_counter()
             if t >= 10:  # after warm-up
                 for name, dt in (("encode", t1 - t0), ("lm", t2 - t1), ("decode", t3 - t2), ("total", t3 - t0)):
@@ -121,22 +125,26 @@ async def round_trips(url: str, steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=1, help="the engine's slots (default: 1)")
+    parser.add_argument("--active", type=int, help="conversations in progress for the step times (default: --slots)")
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    active = args.active or args.slots
+    if not 1 <= active <= args.slots:
+        parser.error("--active must be between 1 and --slots")
     torch.set_grad_enabled(False)
     models = tiny_models()
-    times = time_steps(models, args.slots, args.steps)
-    print(f"per-frame server time, tiny config, {args.slots} slot(s), {args.steps} steps, "
+    times = time_steps(models, args.slots, active, args.steps)
+    print(f"per-frame server time, tiny config, {active} of {args.slots} slot(s) in progress, {args.steps} steps, "
           f"{torch.get_num_threads()} threads:")
     for name, values in times.items():
         print(f"  {name:7s} p50 {pct(values, 50):6.1f} ms   p95 {pct(values, 95):6.1f} ms")
+    lone = times if active == 1 else time_steps(models, args.slots, 1, args.steps)
     trips = asyncio.run(round_trips(serve(models, args.slots), args.steps))
-    compute = statistics.median(times["total"]) * 1000
-    print(f"round trip of a frame over /api/chat (PCM, lock step, {len(trips)} frames): "
-          f"p50 {pct(trips, 50):.1f} ms, p95 {pct(trips, 95):.1f} ms; "
+    compute = statistics.median(lone["total"]) * 1000
+    print(f"one client on {args.slots} slot(s): server step p50 {compute:.1f} ms; round trip of a frame over "
+          f"/api/chat (PCM, lock step, {len(trips)} frames): p50 {pct(trips, 50):.1f} ms, p95 {pct(trips, 95):.1f} ms; "
           f"added beyond compute (p50 round trip - p50 step): {pct(trips, 50) - compute:.1f} ms")
-
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from . import cpu_kernels
 from .errors import CheckpointError
 from .hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES, resolve_file
 from .mimi import MimiConfig, MimiModel
@@ -57,6 +58,8 @@ def materialize(model: nn.Module, state: dict, name: str, dtype: torch.dtype, de
     rest = attach_int8_weights(model, state, dtype, device)
     model = model.to_empty(device=device).to(dtype)
     model.load_state_dict(rest, strict=True)
+    if torch.device(device).type == "cpu" and cpu_kernels.ENABLED:
+        cpu_kernels.kernels()  # built (or found in the cache) while loading, not in the first step
     return model.eval().requires_grad_(False)
 
 

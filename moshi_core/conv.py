@@ -37,6 +37,14 @@ class ConvState:
         if self.first is not None:
             self.first.copy_(torch.ones_like(self.first) if mask is None else self.first | mask)
 
+    def take(self, rows: torch.Tensor) -> "ConvState":
+        return ConvState(self.previous[rows], None if self.first is None else self.first[rows])
+
+    def put(self, rows: torch.Tensor, part: "ConvState") -> None:
+        self.previous[rows] = part.previous
+        if self.first is not None:
+            self.first[rows] = part.first
+
 
 def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
              output_major: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 A `LiveEngine` holds N slots of one model's streaming state (Mimi in both directions, the
 LM). Each `step` takes the next 1920-sample frame of every open conversation and runs Mimi
-encode -> LM step -> Mimi decode for them in one batch. The LM steps only the slots of
-conversations that have started (slots join and leave between steps); Mimi, whose state
-has no per-row stepping, runs every slot, free ones on silence. A step costs little more for
-a few rows than for one: it is bound by reading the weights. A conversation's slot is reset (LM,
-Mimi, its sampling generator) on its first step, so nothing of the previous caller remains.
-A conversation starts with its first frame: until then its slot idles with the free ones.
+encode -> LM step -> Mimi decode for them in one batch. Only the slots of conversations that
+have started are stepped (slots join and leave between steps; free ones cost nothing). A
+step costs little more for a few rows than for one: it is bound by reading the weights. A
+conversation's slot is reset (LM, Mimi, its sampling generator) on its first step, so
+nothing of the previous caller remains.
+A conversation starts with its first frame: until then its slot idles like the free ones.
 
 First frame, as Kyutai's server does (reference 3.6): the LM ignores the user codes of a
 conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
@@ -90,45 +90,41 @@ class LiveEngine:
         (float32, 24 kHz; missing or None is silence, or no start yet). Returns the `LiveFrame`
         of each conversation that has started."""
         mimi, lm = self.models.mimi, self.models.lm
-        wav = torch.zeros(self.num_slots, 1, self.frame_size)
         joining = [False] * self.num_slots
         for slot in self.open_slots:
             frame = frames.get(slot)
-            conversation = self._slots[slot]
-            if conversation.steps == 0 and frame is None:
-                continue
-            if frame is not None:
-                if frame.shape != (self.frame_size,):
-                    raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {frame.shape}")
-                wav[slot, 0] = torch.from_numpy(np.asarray(frame, dtype=np.float32))
-            if conversation.steps == 0:
-                joining[slot] = True
-                self._lm_state.slots.configure(slot, conversation.sampling, conversation.seed)
+            if frame is not None and np.shape(frame) != (self.frame_size,):
+                raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {np.shape(frame)}")
+            joining[slot] = self._slots[slot].steps == 0 and frame is not None
         stepped = [slot for slot in self.open_slots if self._slots[slot].steps > 0 or joining[slot]]
+        if not stepped:
+            return {}
+        wav = torch.zeros(len(stepped), 1, self.frame_size)
+        for i, slot in enumerate(stepped):
+            if frames.get(slot) is not None:
+                wav[i, 0] = torch.from_numpy(np.asarray(frames[slot], dtype=np.float32))
+            if joining[slot]:
+                self._lm_state.slots.configure(slot, self._slots[slot].sampling, self._slots[slot].seed)
         with torch.inference_mode():
             mask = torch.tensor(joining)
             if any(joining):
                 self._lm_state.reset(mask.to(lm.device))
                 self._mimi_state.reset(mask.to(mimi.device))
-            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams).to(lm.device)
-            out = torch.full((self.num_slots, 1 + lm.cfg.dep_q), UNGENERATED_TOKEN, device=lm.device)
-            if stepped:
-                rows = None if len(stepped) == self.num_slots else torch.tensor(stepped, device=lm.device)
-                out[stepped] = self.generator.step(codes[stepped], self._lm_state, rows)  # [A, 1 + dep_q]
+            rows = None if len(stepped) == self.num_slots else torch.tensor(stepped)
+            lm_rows, mimi_rows = (None, None) if rows is None else (rows.to(lm.device), rows.to(mimi.device))
+            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams, mimi_rows)
+            out = self.generator.step(codes.to(lm.device), self._lm_state, lm_rows)  # [A, 1 + dep_q]
             # First steps return -2 (no frame yet): decode a placeholder, dropped below.
-            audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state)
+            audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state, mimi_rows)
             if any(joining):
                 self._mimi_state.reset(mask.to(mimi.device))  # the next frame is encoded afresh
         pcm = audio[:, 0].float().cpu().numpy()
         text_tokens = out[:, 0].tolist()
         results = {}
-        for slot in self.open_slots:
+        for i, slot in enumerate(stepped):
             conversation = self._slots[slot]
-            if conversation.steps == 0 and not joining[slot]:
-                continue  # not started
-            first = conversation.steps == 0
             conversation.steps += 1
-            results[slot] = LiveFrame(audio=None if first else pcm[slot], text=self._piece(text_tokens[slot]))
+            results[slot] = LiveFrame(audio=None if joining[slot] else pcm[i], text=self._piece(text_tokens[i]))
         return results
 
     def _piece(self, token: int) -> str:

@@ -25,7 +25,7 @@ from .conv import StreamingConv1d, StreamingConvTranspose1d
 from .errors import InvalidParameterError
 from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
-from .streaming import ResettableFields, StateGroup
+from .streaming import ResettableFields, StateGroup, rows_of
 from .transformer import KVCache, ProjectedTransformer, TransformerConfig
 
 OFFLINE_CHUNK_FRAMES = 50  # 4 s per pass offline: activations stay in cache, weights are read 3x per 10 s
@@ -226,9 +226,15 @@ class MimiModel(nn.Module):
             max_frames=max_frames,
         )
 
-    def encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int | None = None) -> torch.Tensor:
-        """wav [B, 1, n * 1920] -> codes [B, K, n], continuing the streams in `state`."""
-        self._check_audio(wav, state)
+    def encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """wav [B, 1, n * 1920] -> codes [B, K, n], continuing the streams in `state`.
+
+        With `rows` [A], wav holds the next audio of the state's streams `rows` only; the other
+        streams are left as they are (a live server steps only its conversations in progress).
+        """
+        self._check_audio(wav)
+        self._check_batch(wav, state, rows)
         num_codebooks = self._codebooks_to_use(num_codebooks)
         if wav.shape[-1] % self.frame_size:
             raise InvalidParameterError(
@@ -237,39 +243,46 @@ class MimiModel(nn.Module):
             )
         st = state.encoder
         codes = []
-        for piece in wav.split(state.max_frames * self.frame_size, dim=-1):
-            latent = self.encoder.step(piece.transpose(1, 2), st.seanet)  # [B, T, 1] -> [B, 2n, 512]
-            latent = self.encoder_transformer.step(latent, st.transformer)
-            latent = self.downsample.conv.step(latent, st.downsample)
-            codes.append(self.quantizer.encode(latent, num_codebooks))
+        with rows_of(st.seanet, rows) as seanet, rows_of(st.downsample, rows) as downsample:
+            for piece in wav.split(state.max_frames * self.frame_size, dim=-1):
+                latent = self.encoder.step(piece.transpose(1, 2), seanet)  # [B, T, 1] -> [B, 2n, 512]
+                latent = self.encoder_transformer.step(latent, st.transformer, rows)
+                latent = self.downsample.conv.step(latent, downsample)
+                codes.append(self.quantizer.encode(latent, num_codebooks))
         return torch.cat(codes, dim=-1)
 
-    def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
-        """codes [B, K, n] -> wav [B, 1, n * 1920], continuing the streams in `state`."""
-        self._check_codes(codes, state)
+    def decode_step(self, codes: torch.Tensor, state: MimiState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, K, n] -> wav [B, 1, n * 1920], continuing the streams in `state` (the
+        streams `rows` [A] only, when given: see `encode_step`)."""
+        self._check_codes(codes)
+        self._check_batch(codes, state, rows)
         st = state.decoder
         pieces = []
-        for piece in codes.split(state.max_frames, dim=-1):
-            latent = self.upsample.convtr.step(self.quantizer.decode(piece), st.upsample)
-            latent = self.decoder_transformer.step(latent, st.transformer)
-            pieces.append(self.decoder.step(latent, st.seanet).transpose(1, 2))  # -> [B, 1, 1920 n]
+        with rows_of(st.upsample, rows) as upsample, rows_of(st.seanet, rows) as seanet:
+            for piece in codes.split(state.max_frames, dim=-1):
+                latent = self.upsample.convtr.step(self.quantizer.decode(piece), upsample)
+                latent = self.decoder_transformer.step(latent, st.transformer, rows)
+                pieces.append(self.decoder.step(latent, seanet).transpose(1, 2))  # -> [B, 1, 1920 n]
         return torch.cat(pieces, dim=-1)
 
     # -- validation -------------------------------------------------------------------------
 
-    def _check_audio(self, wav: torch.Tensor, state: MimiState | None = None) -> None:
+    @staticmethod
+    def _check_batch(x: torch.Tensor, state: MimiState, rows: torch.Tensor | None) -> None:
+        expected = state.batch_size if rows is None else rows.shape[0]
+        if x.shape[0] != expected:
+            what = f"the {expected} streams stepped" if rows is not None else f"a state of {expected} streams"
+            raise InvalidParameterError(f"batch of {x.shape[0]} for {what}")
+
+    def _check_audio(self, wav: torch.Tensor) -> None:
         if wav.dim() != 3 or wav.shape[1] != self.cfg.channels:
             raise InvalidParameterError(f"audio must be [batch, {self.cfg.channels}, samples], got {list(wav.shape)}")
         if wav.shape[-1] == 0:
             raise InvalidParameterError("audio is empty")
-        if state is not None and wav.shape[0] != state.batch_size:
-            raise InvalidParameterError(f"batch of {wav.shape[0]} for a state of {state.batch_size} streams")
 
-    def _check_codes(self, codes: torch.Tensor, state: MimiState | None = None) -> None:
+    def _check_codes(self, codes: torch.Tensor) -> None:
         total = self.cfg.quantizer.n_q
         if codes.dim() != 3 or not 1 <= codes.shape[1] <= total or codes.shape[-1] == 0:
             raise InvalidParameterError(f"codes must be [batch, 1..{total}, frames>0], got {list(codes.shape)}")
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise InvalidParameterError(f"codes must be integers, got {codes.dtype}")
-        if state is not None and codes.shape[0] != state.batch_size:
-            raise InvalidParameterError(f"batch of {codes.shape[0]} for a state of {state.batch_size} streams")

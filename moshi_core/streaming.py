@@ -3,11 +3,15 @@
 Every streaming layer builds its own state with `init_state(batch_size)` and advances it
 with `step(x, state)`; `forward(x)` is always the offline computation. Nothing is hidden
 in the module, so one set of weights serves any number of independent streams, and a
-batch slot is restarted with `state.reset(mask)` without touching its neighbours.
+batch slot is restarted with `state.reset(mask)` without touching its neighbours. Some
+streams alone are stepped with `rows_of(state, rows)`: a copy of their rows' state, written
+back after the step (the conv states are small; KV caches step their rows in place instead).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -27,9 +31,31 @@ def keep_mask(mask: torch.Tensor | None, ndim: int) -> torch.Tensor | bool:
     return (~mask).view(-1, *([1] * (ndim - 1)))
 
 
+class RowsState(Protocol):
+    def take(self, rows: torch.Tensor) -> "RowsState":
+        """A copy of the state of streams `rows` [A]."""
+
+    def put(self, rows: torch.Tensor, part: "RowsState") -> None:
+        """Write `part` (from `take(rows)`, stepped since) back into streams `rows`."""
+
+
+S = TypeVar("S", bound=RowsState)
+
+
+@contextmanager
+def rows_of(state: S, rows: torch.Tensor | None) -> Iterator[S]:
+    """The state of streams `rows` to step (`state` itself when None), written back on exit."""
+    if rows is None:
+        yield state
+        return
+    part = state.take(rows)
+    yield part
+    state.put(rows, part)
+
+
 @dataclass
 class StateGroup:
-    """States of the children of a container, reset together."""
+    """States of the children of a container, reset (and taken by rows) together."""
 
     children: list
 
@@ -37,6 +63,14 @@ class StateGroup:
         for child in self.children:
             if child is not None:
                 child.reset(mask)
+
+    def take(self, rows: torch.Tensor) -> "StateGroup":
+        return StateGroup([None if child is None else child.take(rows) for child in self.children])
+
+    def put(self, rows: torch.Tensor, part: "StateGroup") -> None:
+        for child, stepped in zip(self.children, part.children):
+            if child is not None:
+                child.put(rows, stepped)
 
 
 class ResettableFields:

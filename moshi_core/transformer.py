@@ -490,5 +490,5 @@ class ProjectedTransformer(nn.Module):
     def init_state(self, batch_size: int, max_step: int = 1) -> KVCache:
         return self.transformer.init_state(batch_size, max_step)
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.transformer.step(x, cache)
+    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer.step(x, cache, rows)

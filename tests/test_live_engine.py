@@ -118,6 +118,23 @@ def test_slots_join_and_leave_without_disturbing_each_other(models, speech):
     assert_same_conversation(joined, lone_session(models, new_input, HOT, 3))
 
 
+def test_only_conversations_in_progress_are_stepped(models, speech):
+    """Free slots and a conversation that has not started cost nothing: neither Mimi's nor the
+    LM's state of their rows moves, and the one in progress is the lone session."""
+    engine = LiveEngine(models, slots=3)
+    talking, waiting = engine.open(HOT, seed=4), engine.open(HOT, seed=5)
+    frames = []
+    for t in range(STEPS):
+        step = engine.step({talking: speech[0][t], waiting: None})
+        assert list(step) == [talking]  # the other has sent nothing yet: not started
+        frames.append(step[talking])
+    assert_same_conversation(frames, lone_session(models, speech[0], HOT, 4))
+    # Mimi's first step is reset away (see the engine): STEPS - 1 steps on the talking row.
+    assert engine._mimi_state.encoder.transformer.offset.tolist() == [2 * (STEPS - 1), 0, 0]
+    assert engine._mimi_state.decoder.transformer.offset.tolist() == [2 * (STEPS - 1), 0, 0]
+    assert engine._lm_state.offsets.tolist() == [STEPS, 0, 0]
+
+
 def test_a_frame_of_the_wrong_size_is_refused(models):
     engine = LiveEngine(models, slots=1)
     slot = engine.open()

@@ -47,6 +47,41 @@ def test_decode_reset_restarts_one_slot(our_mimi, clip):
         torch.testing.assert_close(out[1:], our_mimi.decode(codes)[..., 5 * 1920:], rtol=0, atol=1e-5)
 
 
+def _stepped_in_subsets(step, inputs: list[torch.Tensor], per_frame: int, schedule: list) -> list[torch.Tensor]:
+    """Step three streams by `schedule` (the rows of each call, None for all); stream s takes
+    the next `per_frame` columns of inputs[s] whenever it is stepped. Returns each one's output."""
+    taken, outputs = [0] * 3, [[] for _ in range(3)]
+    for rows in schedule:
+        streams = [0, 1, 2] if rows is None else rows
+        x = torch.cat([inputs[s][..., taken[s] : taken[s] + per_frame] for s in streams])
+        y = step(x, None if rows is None else torch.tensor(rows))
+        for i, s in enumerate(streams):
+            outputs[s].append(y[i : i + 1])
+            taken[s] += per_frame
+    return [torch.cat(o, dim=-1) for o in outputs]
+
+
+def test_rows_step_only_their_streams(our_mimi, clip):
+    """Streams stepped in subsets (a live server's conversations in progress), in any order,
+    get what they get alone; the others' state waits where it was."""
+    schedule = [[0]] * 3 + [[2, 0]] * 4 + [None] * 5 + [[1]] * 2
+    audio = [clip, clip.flip(-1) * 0.5, clip * 0.7]
+    with torch.inference_mode():
+        state = our_mimi.init_state(3)
+        codes = _stepped_in_subsets(lambda x, rows: our_mimi.encode_step(x, state, rows=rows), audio, 1920, schedule)
+        alone = [our_mimi.encode(a[..., : c.shape[-1] * 1920]) for a, c in zip(audio, codes)]
+        assert [c.shape[-1] for c in codes] == [12, 7, 9]
+        for got, expected in zip(codes, alone):
+            assert torch.equal(got, expected)
+
+        state = our_mimi.init_state(3)
+        wavs = _stepped_in_subsets(lambda x, rows: our_mimi.decode_step(x, state, rows), alone, 1, schedule)
+        for got, c in zip(wavs, alone):
+            torch.testing.assert_close(got, our_mimi.decode(c), rtol=0, atol=1e-5)
+        with pytest.raises(InvalidParameterError, match="batch of 2 for the 1 streams stepped"):
+            our_mimi.decode_step(torch.cat([alone[0][..., :1]] * 2), state, torch.tensor([1]))
+
+
 @pytest.mark.parametrize("frames_per_call", [2, 3])
 def test_multi_frame_calls_equal_offline(our_mimi, clip, frames_per_call):
     with torch.inference_mode():
