@@ -6,8 +6,8 @@ encode -> LM step -> Mimi decode for them in one batch. Only the slots of conver
 have started are stepped (slots join and leave between steps; free ones cost nothing). A
 step costs little more for a few rows than for one: it is bound by reading the weights. A
 conversation's slot is reset (LM, Mimi, its sampling generator) on its first step, so
-nothing of the previous caller remains.
-A conversation starts with its first frame: until then its slot idles like the free ones.
+nothing of the previous caller remains. A conversation starts with its first frame: until
+then its slot idles like the free ones.
 
 First frame, as Kyutai's server does (reference 3.6): the LM ignores the user codes of a
 conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
@@ -25,7 +25,6 @@ import torch
 
 from .errors import InvalidParameterError, LiveBusyError
 from .generate import LMGenerator
-from .lm import UNGENERATED_TOKEN
 from .models import MoshiModels
 from .sampling import SamplingParams
 from .text import WORD_START
