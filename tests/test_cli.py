@@ -77,3 +77,20 @@ def test_build_kernels_reports_what_a_step_will_run():
     assert done.returncode == 0, done.stderr
     expected = "ready" if cpu_kernels.supported() else "not available"
     assert done.stdout.startswith(f"CPU kernels: {expected}"), done.stdout
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
+    """PyTorch's build lock file, left behind by a process killed while holding it, made every
+    later load of the kernels wait forever."""
+    from moshi_core import cpu_kernels
+
+    if not cpu_kernels.supported():
+        pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")
+    folder = cpu_kernels.build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lock").touch()
+    try:
+        done = run_cli("build-kernels")
+    finally:
+        (folder / "lock").unlink(missing_ok=True)
+    assert done.returncode == 0 and done.stdout.startswith("CPU kernels: ready"), done.stdout + done.stderr
