@@ -82,4 +82,3 @@ def kernel_for(x: torch.Tensor):
     if not ENABLED or x.device.type != "cpu":
         return None
     return kernels()
-
