@@ -6,7 +6,7 @@
 # so installing the project adds no second torch.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
-# g++: the CPU kernels (moshi_core/csrc/), built into the image below; CUDA runs without them.
+# g++: the CPU kernels (moshi_core/kernels/csrc/), built into the image below; CUDA runs without them.
 # ffmpeg: Gradio encodes the TTS tab's streamed audio with it.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ ffmpeg && rm -rf /var/lib/apt/lists/*
 

@@ -23,20 +23,21 @@ from fastapi import FastAPI
 
 from api import create_api
 from api.chat import create_chat_router
-from moshi_core.audio import PcmStream, load_audio, write_wav
-from moshi_core.cli import MODEL_SOURCE_HELP
-from moshi_core.codec import decode_tokens, encode_audio
+from api.live_driver import LiveDriver
+from moshi_core.cli.main import MODEL_SOURCE_HELP
+from moshi_core.engines.live import LiveEngine
 from moshi_core.errors import MoshiError
-from moshi_core.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.live import LiveEngine
-from moshi_core.live_driver import LiveDriver
-from moshi_core.models import DEFAULT_LM_SOURCE
-from moshi_core.sampling import SamplingParams
-from moshi_core.stt import LiveTranscription, Transcriber
-from moshi_core.subtitles import FORMATS, format_transcript
-from moshi_core.tokens import load_tokens, save_tokens
-from moshi_core.tts import TTSParams, TTSRequest, TTSSession, describe_tts
-from moshi_core.voices import DEFAULT_VOICE
+from moshi_core.formats.audio import PcmStream, load_audio, write_wav
+from moshi_core.formats.pcm import SAMPLE_RATE, float_to_pcm16
+from moshi_core.formats.subtitles import FORMATS, format_transcript
+from moshi_core.formats.tokens import load_tokens, save_tokens
+from moshi_core.inference.codec import decode_tokens, encode_audio
+from moshi_core.inference.stt import LiveTranscription, Transcriber
+from moshi_core.inference.tts import TTSRequest, TTSSession
+from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_VOICE
+from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
+from moshi_core.loading.tts_info import describe_tts
+from moshi_core.params import SamplingParams, TTSParams
 from workers.models import ModelCache
 from workers.settings import Settings
 
@@ -160,7 +161,7 @@ def build_ui(models: ModelCache) -> gr.Blocks:
                 if len(pending) == 5 or chunk.done:
                     pcm = torch.cat(pending).numpy()
                     pending = []
-                    yield (24000, (np.clip(pcm, -1, 1) * 32767).astype(np.int16)), None
+                    yield (SAMPLE_RATE, float_to_pcm16(pcm)), None
         except MoshiError as exc:
             raise gr.Error(str(exc)) from exc
         yield None, [w.to_dict() for w in session.words(0)]

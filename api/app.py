@@ -16,9 +16,9 @@ from workers.settings import Settings
 
 from .errors import error_response, install_error_handlers
 from .routes import router
-from .transcription import router as transcription_router
-from .speech import router as speech_router
 from .service import JobService
+from .speech import router as speech_router
+from .transcription import router as transcription_router
 
 log = logging.getLogger("moshi.api")
 

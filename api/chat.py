@@ -29,15 +29,15 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
+from api.live_driver import LiveDriver, LiveSession
 from moshi_core.errors import InvalidParameterError, LiveBusyError, MoshiError
-from moshi_core.live_driver import LiveDriver, LiveSession
-from moshi_core.sampling import SamplingParams
+from moshi_core.formats.pcm import SAMPLE_RATE, pcm16_bytes, pcm16_from_bytes
+from moshi_core.params import SamplingParams
 
 HANDSHAKE = b"\x00" + struct.pack("<II", 0, 0)
 # What a vanished caller raises on send (uvicorn's ClientDisconnected is an OSError).
 GONE = (WebSocketDisconnect, OSError, RuntimeError)
 AUDIO, TEXT, ERROR = 1, 2, 5
-SAMPLE_RATE = 24000
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"live.js": "text/javascript", "live-worklet.js": "text/javascript"}
 # Query argument -> SamplingParams field.
@@ -65,11 +65,10 @@ class PcmCodec:
     """Raw int16 little-endian samples: what a browser has without an Opus encoder."""
 
     def decode(self, payload: bytes) -> np.ndarray:
-        usable = len(payload) - len(payload) % 2
-        return np.frombuffer(payload[:usable], dtype="<i2").astype(np.float32) / 32768
+        return pcm16_from_bytes(payload)
 
     def encode(self, pcm: np.ndarray) -> bytes:
-        return (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
+        return pcm16_bytes(pcm)
 
 
 def parse_session_args(query: Mapping[str, str], defaults: SamplingParams) -> tuple[SamplingParams, int | None, str]:

@@ -12,9 +12,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from moshi_core.audio import SAMPLE_RATE, load_audio, wav_bytes
 from moshi_core.errors import InvalidTokenFileError
-from moshi_core.tokens import load_tokens
+from moshi_core.formats.audio import load_audio, wav_bytes
+from moshi_core.formats.pcm import SAMPLE_RATE
+from moshi_core.formats.tokens import load_tokens
 from workers.errors import JobNotReadyError, JobTimeoutError
 from workers.jobs import PRIMARY_ARTIFACT, Job, JobKind, JobState, JobStore, new_job_id
 from workers.models import check_model

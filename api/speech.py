@@ -16,10 +16,11 @@ from fastapi import APIRouter, Body, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from moshi_core.audio_stream import StreamEncoder
 from moshi_core.errors import InvalidParameterError
-from moshi_core.tts import TTSInfo, TTSParams, describe_tts
-from moshi_core.voices import DEFAULT_VOICE
+from moshi_core.formats.audio_stream import StreamEncoder
+from moshi_core.loading.catalog import DEFAULT_VOICE
+from moshi_core.loading.tts_info import TTSInfo, describe_tts
+from moshi_core.params import TTSParams
 from workers.errors import UnknownModelError
 from workers.jobs import Job, JobKind, JobState
 from workers.pipelines import TEXT_INPUT, TTS_STREAM

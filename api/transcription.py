@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from moshi_core.subtitles import segments
-from moshi_core.text import Word
+from moshi_core.formats.subtitles import segments
+from moshi_core.formats.text import Word
 from workers.errors import UnknownModelError, UploadTooLargeError
 from workers.jobs import JobKind, JobState
 

@@ -35,10 +35,11 @@ class _NoText:
 
 
 def tiny_models():
-    from moshi_core.lm import LMConfig, LMModel
-    from moshi_core.mimi import MimiModel
-    from moshi_core.models import MoshiModels
     from oracle import REDUCED_7B
+
+    from moshi_core.loading.registry import MoshiModels
+    from moshi_core.models.lm import LMConfig, LMModel
+    from moshi_core.models.mimi import MimiModel
 
     torch.manual_seed(0)
     lm = LMModel(LMConfig.from_dict(dict(REDUCED_7B, text_card=64, card=2048))).eval()
@@ -54,7 +55,7 @@ def pct(values: list[float], q: int) -> float:
 def time_steps(models, slots: int, active: int, steps: int) -> dict[str, list[float]]:
     """The parts of an engine step with `active` of its `slots` conversations in progress,
     stepped as `LiveEngine.step` steps them (the others' rows left alone)."""
-    from moshi_core.live import LiveEngine
+    from moshi_core.engines.live import LiveEngine
 
     engine = LiveEngine(models, slots=slots)
     for _ in range(active):
@@ -84,8 +85,8 @@ def serve(models, slots: int) -> str:
     from fastapi import FastAPI
 
     from api.chat import create_chat_router
-    from moshi_core.live import LiveEngine
-    from moshi_core.live_driver import LiveDriver
+    from api.live_driver import LiveDriver
+    from moshi_core.engines.live import LiveEngine
 
     app = FastAPI()
     app.include_router(create_chat_router(LiveDriver(lambda: LiveEngine(models, slots=slots)), max_seconds=3600))

@@ -57,7 +57,7 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
 def step_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights read per step: all but the embedding tables (one row each is read),
     8-bit ones as their int8 values and float16 scales."""
-    from moshi_core.q8 import Q8Weight
+    from moshi_core.kernels.q8 import Q8Weight
 
     total = 0
     for name, p in model.named_parameters():
@@ -83,7 +83,7 @@ def read_bandwidth() -> float:
     """Bytes/s this machine streams from memory into a matrix-vector product (cold 1 GB of
     float32 weights, batch 1): the best of PyTorch's GEMV and our skinny kernel, so the bound
     is the hardware's, not one implementation's."""
-    from moshi_core.linear import linear
+    from moshi_core.kernels.linear import linear
 
     weights = [torch.randn(4096, 4096) for _ in range(16)]
     x = torch.randn(1, 4096)
@@ -103,9 +103,9 @@ def read_bandwidth() -> float:
 def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """`model` with every matrix whose rows are whole 32-blocks in Q8_0 (int8 kept), as Candle's
     q8 GGUF stores them, loaded through the same code as a checkpoint."""
-    from moshi_core.checkpoints import materialize
-    from moshi_core.lm import LMModel
-    from moshi_core.q8 import Q8_BLOCK, Q8Tensor
+    from moshi_core.kernels.q8 import Q8_BLOCK, Q8Tensor
+    from moshi_core.loading.checkpoints import materialize
+    from moshi_core.models.lm import LMModel
 
     state = {}
     for name, value in model.state_dict().items():
@@ -122,8 +122,8 @@ def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype, device: s
 
 
 def _ours(side: str, kwargs: dict, dtype: torch.dtype, device: str, gguf: str | None):
-    from moshi_core.checkpoints import load_lm
-    from moshi_core.lm import LMConfig, LMModel
+    from moshi_core.loading.checkpoints import load_lm
+    from moshi_core.models.lm import LMConfig, LMModel
 
     config = LMConfig.from_dict(kwargs)
     if gguf:
@@ -162,8 +162,8 @@ def run_side(side: str, config: str, dtype_name: str, steps: int, batch: int = 1
     kwargs = lm_kwargs(config)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if side in ("ours", "q8"):
-        from moshi_core.generate import LMGenerator
-        from moshi_core.sampling import SamplingParams
+        from moshi_core.inference.generate import LMGenerator
+        from moshi_core.params import SamplingParams
 
         start = time.perf_counter()
         model = _ours(side, kwargs, dtype, device, gguf)

@@ -23,9 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from moshi_core.audio import load_audio  # noqa: E402
-from moshi_core.checkpoints import load_mimi  # noqa: E402
 from oracle import load_reference_mimi, write_reference_mimi  # noqa: E402
+
+from moshi_core.formats.audio import load_audio  # noqa: E402
+from moshi_core.loading.checkpoints import load_mimi  # noqa: E402
 
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 FRAME = 1920

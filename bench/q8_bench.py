@@ -44,9 +44,9 @@ CONFIGS = {  # name: (label, lm_bench arguments)
 def write_full_gguf(path: Path) -> None:
     """Random Q8_0 blocks for every 2-D tensor whose rows are whole blocks, F32 ones else."""
     import gguf
-
-    from moshi_core.lm import MOSHI_7B, LMConfig, LMModel
     from oracle import candle_state_dict, official_state_dict
+
+    from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 
     with torch.device("meta"):
         model = LMModel(LMConfig.from_dict(MOSHI_7B))

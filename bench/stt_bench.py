@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mimi_bench import percentile, speech  # noqa: E402
-from moshi_core.stt import Transcriber, load_stt  # noqa: E402
 from oracle import load_reference_mimi, write_reference_mimi, write_stt_folder, write_test_tokenizer  # noqa: E402
+
+from moshi_core.inference.stt import Transcriber, load_stt  # noqa: E402
 
 FRAME = 1920
 REAL_TIME = 0.080

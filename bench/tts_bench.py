@@ -59,7 +59,8 @@ def _write_tokenizer(path: Path) -> None:
 
 
 def run_ours(folder: Path, dtype: torch.dtype) -> tuple[float, float, int]:
-    from moshi_core.tts import TTSParams, TTSRequest, TTSSession, load_tts
+    from moshi_core.inference.tts import TTSRequest, TTSSession, load_tts
+    from moshi_core.params import TTSParams
 
     model = load_tts(folder, voices=folder / "voices", dtype=dtype)
     start = time.perf_counter()

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from servers import free_port
 
 REPO_DIR = Path(__file__).resolve().parents[1]

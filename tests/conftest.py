@@ -24,8 +24,9 @@ def shared_audio() -> Path:
 @pytest.fixture(scope="session")
 def mimi_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_audio: Path) -> Path:
     """A full-size Mimi with random weights, saved with the official key names."""
-    from moshi_core.audio import load_audio
     from oracle import write_reference_mimi
+
+    from moshi_core.formats.audio import load_audio
 
     path = tmp_path_factory.mktemp("mimi") / "tokenizer-e351c8d8-checkpoint125.safetensors"
     return write_reference_mimi(path, calibration=load_audio(shared_audio / "en_question_24k.wav")[None])
@@ -33,7 +34,7 @@ def mimi_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_audio: Path
 
 @pytest.fixture(scope="session")
 def our_mimi(mimi_checkpoint: Path):
-    from moshi_core.checkpoints import load_mimi
+    from moshi_core.loading.checkpoints import load_mimi
 
     return load_mimi(mimi_checkpoint, num_codebooks=8)
 

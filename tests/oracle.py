@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+
 def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's tensors under the names Kyutai's released files use.
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
-
-from moshi_core.tokens import MimiTokens, load_tokens, tokens_to_bytes
 from servers import REPO_DIR, Redis, start_api, start_worker, wait_until
+
+from moshi_core.formats.tokens import MimiTokens, load_tokens, tokens_to_bytes
 
 
 @pytest.fixture(scope="module")

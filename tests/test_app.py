@@ -4,9 +4,9 @@ import time
 import urllib.request
 
 import pytest
-
 from app_server import serve_app
-from moshi_core.tokens import load_tokens
+
+from moshi_core.formats.tokens import load_tokens
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,8 @@ def test_bad_token_file_gets_a_readable_error(app_url, tmp_path):
 
 
 def test_dialogue_tab(app_url, shared_audio):
-    from gradio_client import Client, handle_file
-
     import soundfile as sf
+    from gradio_client import Client, handle_file
 
     client = Client(app_url, verbose=False)
     voice, both, text, words = client.predict(

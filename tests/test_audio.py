@@ -1,4 +1,4 @@
-"""Tests of moshi_core.audio on the shared speech files."""
+"""Tests of moshi_core.formats.audio on the shared speech files."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from moshi_core import audio
-from moshi_core.audio import SAMPLE_RATE, duration_seconds, load_audio, wav_bytes, write_wav
 from moshi_core.errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
+from moshi_core.formats import audio
+from moshi_core.formats.audio import duration_seconds, load_audio, wav_bytes, write_wav
+from moshi_core.formats.pcm import SAMPLE_RATE
 
 MIMI_FRAME = 1920  # samples of one Mimi frame at 24 kHz: the tolerance for lossy codecs' delay
 

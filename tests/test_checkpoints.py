@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi_core.checkpoints import load_mimi
 from moshi_core.errors import CheckpointError, ModelSourceError
-from moshi_core.hub import parse_source
+from moshi_core.loading.checkpoints import load_mimi
+from moshi_core.loading.hub import parse_source
 
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 REPO_DIR = Path(__file__).resolve().parents[1]

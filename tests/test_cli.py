@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from moshi_core.tokens import load_tokens
+from moshi_core.formats.tokens import load_tokens
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_help_explains_every_flag():
 
 
 def test_build_kernels_reports_what_a_step_will_run():
-    from moshi_core import cpu_kernels
+    from moshi_core.kernels import build as cpu_kernels
 
     done = run_cli("build-kernels")
     assert done.returncode == 0, done.stderr
@@ -82,7 +82,7 @@ def test_build_kernels_reports_what_a_step_will_run():
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
     """PyTorch's build lock file, left behind by a process killed while holding it, made every
     later load of the kernels wait forever."""
-    from moshi_core import cpu_kernels
+    from moshi_core.kernels import build as cpu_kernels
 
     if not cpu_kernels.supported():
         pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")

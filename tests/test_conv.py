@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moshi_core.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
 
 
 def _stream(layer, x: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moshi_core import cpu_kernels
-from moshi_core.linear import SKINNY_MAX_ROWS, linear
-from moshi_core.q8 import Q8Weight
-from moshi_core.transformer import Transformer, TransformerConfig
+from moshi_core.kernels import build as cpu_kernels
+from moshi_core.kernels.linear import SKINNY_MAX_ROWS, linear
+from moshi_core.kernels.q8 import Q8Weight
+from moshi_core.nn.transformer import Transformer, TransformerConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from moshi_core.errors import CheckpointError, ModelSourceError
-from moshi_core.text import TextStream, TextTokenizer
+from moshi_core.formats.text import TextStream, TextTokenizer
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -62,9 +62,9 @@ def test_dialogue_cli_writes_three_outputs(tmp_path, tiny_moshi, shared_audio):
 
 
 def test_dialogue_batch_and_seed(tiny_moshi, shared_audio):
-    from moshi_core.audio import load_audio
-    from moshi_core.dialogue import run_dialogue
-    from moshi_core.models import load_moshi
+    from moshi_core.formats.audio import load_audio
+    from moshi_core.inference.dialogue import run_dialogue
+    from moshi_core.loading.registry import load_moshi
 
     models = load_moshi(tiny_moshi, dtype=torch.float32)
     a = load_audio(shared_audio / "en_short_16k.wav")
@@ -79,7 +79,7 @@ def test_dialogue_batch_and_seed(tiny_moshi, shared_audio):
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_moshi):
-    from moshi_core.models import load_moshi
+    from moshi_core.loading.registry import load_moshi
 
     return load_moshi(tiny_moshi, dtype=torch.float32)
 
@@ -89,9 +89,9 @@ def test_concurrent_dialogues_share_steps_and_answer_as_alone(tiny_models, share
     shorter leaves; each gets, bit for bit, what it gets alone (its own seed and sampler)."""
     import threading
 
-    from moshi_core import cpu_kernels
-    from moshi_core.audio import load_audio
-    from moshi_core.dialogue import DialogueEngine
+    from moshi_core.formats.audio import load_audio
+    from moshi_core.inference.dialogue import DialogueEngine
+    from moshi_core.kernels import build as cpu_kernels
 
     wavs = [load_audio(shared_audio / "en_short_16k.wav"), load_audio(shared_audio / "en_question_24k.wav")[:, :48000],
             load_audio(shared_audio / "fr_human_intro.mp3")[:, :30000]]
@@ -121,8 +121,8 @@ def test_concurrent_dialogues_share_steps_and_answer_as_alone(tiny_models, share
 def test_a_cancelled_dialogue_leaves_the_others_running(tiny_models, shared_audio):
     import threading
 
-    from moshi_core.audio import load_audio
-    from moshi_core.dialogue import DialogueEngine
+    from moshi_core.formats.audio import load_audio
+    from moshi_core.inference.dialogue import DialogueEngine
 
     class Cancelled(Exception):
         pass
@@ -144,7 +144,7 @@ def test_a_cancelled_dialogue_leaves_the_others_running(tiny_models, shared_audi
 
 
 def test_bad_sources_and_configs(tmp_path, tiny_moshi):
-    from moshi_core.models import load_moshi
+    from moshi_core.loading.registry import load_moshi
 
     with pytest.raises(ModelSourceError, match="has no model.q8.gguf or model.safetensors or model.q8.safetensors"):
         load_moshi(tmp_path)
@@ -158,11 +158,12 @@ def test_bad_sources_and_configs(tmp_path, tiny_moshi):
 def test_candle_q8_folder_runs_a_dialogue(tmp_path, tiny_moshi, shared_audio):
     """A folder laid out like kyutai/moshika-candle-q8: model.q8.gguf and no config.json
     is the 7B preset, so the tiny LM's config comes along as config.json here."""
-    from moshi_core.audio import load_audio
-    from moshi_core.checkpoints import read_safetensors
-    from moshi_core.dialogue import run_dialogue
-    from moshi_core.models import load_moshi
     from oracle import write_candle_gguf
+
+    from moshi_core.formats.audio import load_audio
+    from moshi_core.inference.dialogue import run_dialogue
+    from moshi_core.loading.files import read_safetensors
+    from moshi_core.loading.registry import load_moshi
 
     folder = tmp_path / "candle-q8"
     folder.mkdir()
@@ -176,7 +177,7 @@ def test_candle_q8_folder_runs_a_dialogue(tmp_path, tiny_moshi, shared_audio):
 
 
 def test_sampling_comes_from_the_repo_config_then_the_flags():
-    from moshi_core.sampling import SamplingParams
+    from moshi_core.params import SamplingParams
 
     params = SamplingParams.from_config({"temp": 0.5, "top_k_text": 10, "cfg_coef": 2.0, **{"temp_text": 0.0}})
     assert (params.temp, params.top_k_text, params.temp_text, params.top_k) == (0.5, 10, 0.0, 250)

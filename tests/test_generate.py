@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-
-from moshi_core.checkpoints import load_lm
-from moshi_core.generate import LMGenerator
-from moshi_core.lm import UNGENERATED_TOKEN, LMConfig
-from moshi_core.sampling import SamplingParams, sample_token
 from oracle import REDUCED_7B, TINY_TEST_LM, write_reference_lm
+
+from moshi_core.inference.generate import LMGenerator
+from moshi_core.inference.sampling import sample_token
+from moshi_core.loading.checkpoints import load_lm
+from moshi_core.models.lm import UNGENERATED_TOKEN, LMConfig
+from moshi_core.params import SamplingParams
 
 STEPS = 60
 
@@ -96,7 +97,7 @@ def test_conversation_past_the_context_keeps_going():
     """4000 steps (> 5 minutes of audio) at a tiny config with a 16-step context."""
     cfg = LMConfig.from_dict(dict(REDUCED_7B, dim=16, num_heads=1, context=16, depformer_dim=8, depformer_num_heads=1,
                                   depformer_dim_feedforward=16, num_layers=1, depformer_num_layers=1))
-    from moshi_core.lm import LMModel
+    from moshi_core.models.lm import LMModel
 
     torch.manual_seed(0)
     lm = LMModel(cfg).eval()

@@ -3,14 +3,14 @@
 import gguf
 import pytest
 import torch
-
-from moshi_core import cpu_kernels
-from moshi_core.checkpoints import load_lm
-from moshi_core.errors import CheckpointError
-from moshi_core.gguf import candle_to_ours, read_gguf
-from moshi_core.q8 import Q8Tensor, Q8Weight
-from moshi_core.lm import LMConfig
 from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_candle_gguf
+
+from moshi_core.errors import CheckpointError
+from moshi_core.kernels import build as cpu_kernels
+from moshi_core.kernels.q8 import Q8Tensor, Q8Weight
+from moshi_core.loading.checkpoints import load_lm
+from moshi_core.loading.gguf import candle_to_ours, read_gguf
+from moshi_core.models.lm import LMConfig
 
 # dim 128 makes the temporal MLP (hidden 352) Q8_0; the depth MLP (hidden 88) stays F32,
 # as Candle's rule leaves rows that are not whole blocks: both paths are exercised.
@@ -98,8 +98,8 @@ def test_int8_forward_within_1e4_of_float32_and_of_the_reference(int8_and_float)
 
 
 def test_int8_greedy_generation_equals_float32_for_60_steps(int8_and_float):
-    from moshi_core.generate import LMGenerator
-    from moshi_core.sampling import SamplingParams
+    from moshi_core.inference.generate import LMGenerator
+    from moshi_core.params import SamplingParams
 
     outputs = []
     user = torch.randint(0, 64, (60, 2, 8, 1), generator=torch.Generator().manual_seed(1))
@@ -161,7 +161,7 @@ def test_pytorch_q8_layout_loads_int8_rows(tmp_path):
     """Kyutai's `*-pytorch-q8` files: int8 `weight` + float32 `weight_scb` (row absmax)."""
     from safetensors.torch import save_file
 
-    from moshi_core.q8 import Int8RowWeight
+    from moshi_core.kernels.q8 import Int8RowWeight
 
     ref = random_reference_lm(CONFIG)
     state = {}

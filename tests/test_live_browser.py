@@ -6,7 +6,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from app_server import serve_app
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -86,7 +85,7 @@ def test_file_tabs_in_the_same_browser(app_url, page, shared_audio, tmp_path):
     tokens = tmp_path / "speech.safetensors"
     with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:
         tokens.write_bytes(response.read())
-    from moshi_core.tokens import load_tokens
+    from moshi_core.formats.tokens import load_tokens
 
     assert load_tokens(tokens).num_frames == 87
     # The codes are drawn: 8 codebooks x 8 px high, 87 frames x 4 px wide.

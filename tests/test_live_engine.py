@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from moshi_core.audio import load_audio
+from moshi_core.engines.live import LiveEngine
 from moshi_core.errors import InvalidParameterError, LiveBusyError
-from moshi_core.generate import LMGenerator
-from moshi_core.live import LiveEngine
-from moshi_core.models import load_moshi
-from moshi_core.sampling import SamplingParams
-from moshi_core.text import WORD_START
+from moshi_core.formats.audio import load_audio
+from moshi_core.formats.text import WORD_START
+from moshi_core.inference.generate import LMGenerator
+from moshi_core.loading.registry import load_moshi
+from moshi_core.params import SamplingParams
 
 STEPS = 10
 HOT = SamplingParams(temp=1.0, temp_text=1.0)

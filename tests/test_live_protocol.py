@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import sphn
 import websockets
-
 from app_server import serve_app
-from moshi_core.audio import load_audio
+
+from moshi_core.formats.audio import load_audio
 
 SLOTS = 2
 MAX_SECONDS = 3  # in an app of its own: the other tests' conversations take longer on a busy machine

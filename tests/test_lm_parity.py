@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from moshi_core.checkpoints import load_lm
-from moshi_core.lm import MOSHI_7B, LMConfig, LMModel
 from oracle import REDUCED_7B, TINY_TEST_LM, write_reference_lm
+
+from moshi_core.loading.checkpoints import load_lm
+from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 
 CONFIGS = {"tiny-test": TINY_TEST_LM, "reduced-7b": REDUCED_7B}
 
@@ -65,7 +65,6 @@ def test_full_7b_has_exactly_the_official_tensors():
     """Built on the meta device: 355 tensors, 7,687,729,152 parameters, as Kyutai's files."""
     from moshi.models import loaders
     from moshi.models.lm import LMModel as Reference
-
     from oracle import official_state_dict
 
     with torch.device("meta"):

@@ -8,7 +8,7 @@ from moshi_core.errors import InvalidParameterError
 
 @pytest.fixture(scope="module")
 def clip(shared_audio):
-    from moshi_core.audio import load_audio
+    from moshi_core.formats.audio import load_audio
 
     return load_audio(shared_audio / "en_question_24k.wav")[None, :, : 1920 * 20]  # [1, 1, T]
 
@@ -126,7 +126,7 @@ def test_bad_inputs_are_refused(our_mimi):
 def test_config_accepts_the_official_keys():
     from moshi.models import loaders
 
-    from moshi_core.mimi import MimiConfig
+    from moshi_core.models.mimi import MimiConfig
 
     official = {"seanet": loaders._seanet_kwargs, "transformer": loaders._transformer_kwargs,
                 "quantizer": loaders._quantizer_kwargs, "sample_rate": 24000, "channels": 1, "frame_rate": 12.5}

@@ -5,8 +5,8 @@ import torch
 from oracle import assert_codes_equal_up_to_ties
 from safetensors import safe_open
 
-from moshi_core.audio import load_audio
-from moshi_core.mimi import MimiModel
+from moshi_core.formats.audio import load_audio
+from moshi_core.models.mimi import MimiModel
 
 SPEECH = [
     "en_question_24k.wav",

@@ -13,12 +13,13 @@ import time
 
 import pytest
 import torch
-
-from moshi_core.audio import load_audio
-from moshi_core.errors import ModelSourceError
-from moshi_core.stt import Transcriber, load_stt
-from moshi_core.text import Word
 from oracle import STT_CONFIGS, write_stt_folder
+
+from moshi_core.errors import ModelSourceError
+from moshi_core.formats.audio import load_audio
+from moshi_core.formats.text import Word
+from moshi_core.inference.stt import Transcriber, load_stt
+
 
 @pytest.fixture(scope="module")
 def stt_factory(tmp_path_factory, mimi_checkpoint, tokenizer_model):
@@ -166,7 +167,6 @@ def test_cli_transcribe_formats(stt_factory, shared_audio, tmp_path):
 def test_transcription_job_and_openai_endpoint(stt_factory, shared_audio, tmp_path):
     import httpx
     import openai
-
     from servers import start_api
 
     _, folder, _, models = stt_factory("stt-1b-en_fr")
@@ -217,8 +217,8 @@ def test_transcription_job_and_openai_endpoint(stt_factory, shared_audio, tmp_pa
 def test_live_transcription_in_odd_chunks_equals_the_file(stt_factory, shared_audio):
     import numpy as np
 
-    from moshi_core.audio import PcmStream
-    from moshi_core.stt import LiveTranscription
+    from moshi_core.formats.audio import PcmStream
+    from moshi_core.inference.stt import LiveTranscription
 
     _, _, _, models = stt_factory("stt-1b-en_fr")
     transcriber = Transcriber(models)
@@ -239,9 +239,8 @@ def test_live_transcription_in_odd_chunks_equals_the_file(stt_factory, shared_au
 
 
 def test_transcribe_tab(stt_factory, mimi_checkpoint, tiny_moshi, shared_audio):
-    from gradio_client import Client, handle_file
-
     from app_server import serve_app
+    from gradio_client import Client, handle_file
 
     _, folder, _, models = stt_factory("stt-1b-en_fr")
     (expected,) = Transcriber(models).transcribe([load_audio(shared_audio / "en_question_24k.wav")])

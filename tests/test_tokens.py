@@ -1,4 +1,4 @@
-"""Tests of the Mimi token file (moshi_core.tokens)."""
+"""Tests of the Mimi token file (moshi_core.formats.tokens)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from moshi_core.errors import InvalidTokenFileError
-from moshi_core.tokens import MimiTokens, load_tokens, save_tokens, tokens_to_bytes
+from moshi_core.formats.tokens import MimiTokens, load_tokens, save_tokens, tokens_to_bytes
 
 CODEC = "kyutai/moshika-pytorch-bf16/tokenizer-e351c8d8-checkpoint125.safetensors"
 

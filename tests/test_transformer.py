@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from moshi_core.transformer import Transformer, TransformerConfig
 from oracle import official_state_dict
+
+from moshi_core.nn.transformer import Transformer, TransformerConfig
 
 CONFIGS = {
     # Mimi's encoder/decoder transformer, scaled down.

@@ -38,8 +38,8 @@ def test_tts_cli_from_stdin_and_errors(tiny_tts, tmp_path):  # noqa: F811
 
 
 def test_tts_text_from_a_file_or_argument(tmp_path):
+    from moshi_core.cli.tts import read_text
     from moshi_core.errors import InvalidParameterError
-    from moshi_core.tts_cli import read_text
 
     (tmp_path / "in.txt").write_text("  hello\n how are you  \n")
     assert read_text(argparse.Namespace(text=None, text_file=str(tmp_path / "in.txt"))) == "hello how are you"

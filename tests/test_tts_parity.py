@@ -24,7 +24,8 @@ def run_reference(ref, voices, texts, names):
 
 
 def run_ours(folder, voices, texts, names):
-    from moshi_core.tts import TTSParams, TTSRequest, TTSSession, load_tts
+    from moshi_core.inference.tts import TTSRequest, TTSSession, load_tts
+    from moshi_core.params import TTSParams
 
     model = load_tts(folder, voices=voices, dtype=torch.float32)
     params = TTSParams(temp=0.0, cfg_coef=2.0, max_padding=MAX_PADDING)
@@ -74,7 +75,8 @@ def test_audio_and_word_times_match_the_reference_decoding(both):
 
 def test_a_request_says_the_same_alone_or_in_a_batch(tiny_tts):  # noqa: F811
     """Sampled (not greedy): each request has its own seeded generator and its own cache rows."""
-    from moshi_core.tts import TTSParams, TTSRequest, TTSSession, load_tts
+    from moshi_core.inference.tts import TTSRequest, TTSSession, load_tts
+    from moshi_core.params import TTSParams
 
     folder, voices = tiny_tts
     model = load_tts(folder, voices=voices, dtype=torch.float32)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from moshi_core.audio import atomic_write_bytes
+from moshi_core.formats.audio import atomic_write_bytes
 
 from .errors import IdempotencyConflictError, JobNotFoundError
 

@@ -7,13 +7,13 @@ process start-up short (its pool kills children that take more than a few second
 
 import threading
 
-from moshi_core.checkpoints import load_mimi
-from moshi_core.codec import resolve_device
-from moshi_core.dialogue import DialogueEngine
-from moshi_core.mimi import MimiModel
-from moshi_core.models import MoshiModels, load_moshi, parse_dtype
-from moshi_core.stt import load_stt
-from moshi_core.tts import TTSModel, load_tts
+from moshi_core.inference.codec import resolve_device
+from moshi_core.inference.dialogue import DialogueEngine
+from moshi_core.inference.stt import load_stt
+from moshi_core.inference.tts import TTSModel, load_tts
+from moshi_core.loading.checkpoints import load_mimi
+from moshi_core.loading.registry import MoshiModels, load_moshi, parse_dtype
+from moshi_core.models.mimi import MimiModel
 
 from .errors import UnknownModelError
 from .settings import Settings

@@ -1,7 +1,7 @@
 """One function per job kind: a job's folder in, its artifacts out.
 
-Each calls the same core pipeline as the CLI and the web app (`moshi_core.codec`,
-`moshi_core.dialogue`); inputs were validated by the API before the job was queued, and
+Each calls the same core pipeline as the CLI and the web app (`moshi_core.inference.codec`,
+`moshi_core.inference.dialogue`); inputs were validated by the API before the job was queued, and
 every artifact is written atomically, so a job that runs twice (redelivered after a
 worker died) leaves one complete set of files.
 """
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from moshi_core.audio import SAMPLE_RATE, atomic_write_bytes, load_audio, write_wav
-from moshi_core.audio_stream import pcm16_bytes
-from moshi_core.codec import decode_tokens, encode_audio
-from moshi_core.sampling import SamplingParams
-from moshi_core.stt import Transcriber
-from moshi_core.subtitles import FORMATS, format_transcript
-from moshi_core.tokens import MimiTokens, load_tokens, save_tokens
-from moshi_core.tts import TTSParams, TTSRequest, TTSSession
+from moshi_core.formats.audio import atomic_write_bytes, load_audio, write_wav
+from moshi_core.formats.pcm import SAMPLE_RATE, pcm16_bytes
+from moshi_core.formats.subtitles import FORMATS, format_transcript
+from moshi_core.formats.tokens import MimiTokens, load_tokens, save_tokens
+from moshi_core.inference.codec import decode_tokens, encode_audio
+from moshi_core.inference.stt import Transcriber
+from moshi_core.inference.tts import TTSRequest, TTSSession
+from moshi_core.params import SamplingParams, TTSParams
 
 from .jobs import Job, JobKind
 from .models import ModelCache

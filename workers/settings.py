@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moshi_core.errors import InvalidParameterError
-from moshi_core.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.models import DEFAULT_LM_SOURCE
+from moshi_core.loading.catalog import DEFAULT_LM_SOURCE
+from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
 
 
 def _default_storage() -> Path:

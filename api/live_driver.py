@@ -1,0 +1,164 @@
+"""Real-time driving of a `LiveEngine` from asyncio: sessions push audio, one loop steps them.
+
+The model step runs in a worker thread, so the event loop that serves the sockets is never
+blocked by it. A step runs as soon as every started conversation (one that has sent a frame)
+has a frame waiting; when some have one and others do not, it waits at most `max_wait` (one
+frame, 80 ms) for the late ones and then gives them silence (an underrun, counted), so one
+stalled caller cannot stall the rest. A caller who sends faster than real time is answered
+as fast as the model goes; when no one sends, nothing is stepped.
+"""
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moshi_core.engines.live import LiveEngine, LiveFrame
+from moshi_core.params import SamplingParams
+
+
+@dataclass
+class SessionStats:
+    slot: int
+    started: float = field(default_factory=time.time)
+    frames_in: int = 0  # whole 1920-sample frames received from the caller
+    frames_out: int = 0  # frames of Moshi's audio handed out
+    text_pieces: int = 0
+    underruns: int = 0  # steps where the caller's frame was late and silence went in
+    ended: float | None = None
+
+
+class LiveSession:
+    """One conversation: `push` the caller's audio, `await next_frame()` for Moshi's."""
+
+    def __init__(self, slot: int, frame_size: int, wake: asyncio.Event) -> None:
+        self.stats = SessionStats(slot)
+        self._frame_size = frame_size
+        self._wake = wake
+        self._partial = np.zeros(0, dtype=np.float32)  # samples short of a whole frame
+        self._frames: collections.deque[tuple[float, np.ndarray]] = collections.deque()  # (arrival, frame)
+        self._out: asyncio.Queue[LiveFrame] = asyncio.Queue()
+
+    @property
+    def slot(self) -> int:
+        return self.stats.slot
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Any number of 24 kHz float32 samples; whole frames are queued for the next steps."""
+        samples = np.concatenate([self._partial, np.asarray(pcm, dtype=np.float32).reshape(-1)])
+        whole = len(samples) // self._frame_size * self._frame_size
+        now = time.monotonic()
+        for start in range(0, whole, self._frame_size):
+            self._frames.append((now, samples[start : start + self._frame_size]))
+        self._partial = samples[whole:]
+        self.stats.frames_in += whole // self._frame_size
+        if whole:
+            self._wake.set()
+
+    async def next_frame(self) -> LiveFrame:
+        return await self._out.get()
+
+    def _waiting_since(self) -> float | None:
+        return self._frames[0][0] if self._frames else None
+
+    @property
+    def _started(self) -> bool:
+        return self.stats.frames_in > 0
+
+    def _take(self) -> np.ndarray | None:
+        if self._frames:
+            return self._frames.popleft()[1]
+        self.stats.underruns += self._started
+        return None
+
+    def _deliver(self, frame: LiveFrame) -> None:
+        self.stats.frames_out += frame.audio is not None
+        self.stats.text_pieces += bool(frame.text)
+        self._out.put_nowait(frame)
+
+
+class LiveDriver:
+    """Owns one engine (built on first use, in a thread: loading weights takes a while) and
+    the loop that steps it while conversations are open."""
+
+    def __init__(self, load_engine: Callable[[], LiveEngine], max_wait: float = 0.08, history: int = 32) -> None:
+        self._load_engine = load_engine
+        self.max_wait = max_wait
+        self._engine: LiveEngine | None = None
+        self._load_lock = asyncio.Lock()
+        self._step_lock = asyncio.Lock()  # open/close never run while a step does
+        self._wake = asyncio.Event()
+        self._sessions: dict[int, LiveSession] = {}
+        self._loop_task: asyncio.Task | None = None
+        self.ended: collections.deque[SessionStats] = collections.deque(maxlen=history)
+        self.step_seconds: collections.deque[float] = collections.deque(maxlen=1000)
+
+    @property
+    def sessions(self) -> list[LiveSession]:
+        return list(self._sessions.values())
+
+    @property
+    def num_slots(self) -> int | None:
+        """None until the engine is loaded."""
+        return None if self._engine is None else self._engine.num_slots
+
+    async def engine(self) -> LiveEngine:
+        async with self._load_lock:
+            if self._engine is None:
+                self._engine = await asyncio.to_thread(self._load_engine)
+            return self._engine
+
+    async def open(self, sampling: SamplingParams | None = None, seed: int | None = None) -> LiveSession:
+        """A new conversation; raises LiveBusyError when every slot is taken."""
+        engine = await self.engine()
+        async with self._step_lock:
+            slot = engine.open(sampling, seed)
+            session = LiveSession(slot, engine.frame_size, self._wake)
+            self._sessions[slot] = session
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+        return session
+
+    async def close(self, session: LiveSession) -> None:
+        async with self._step_lock:
+            if self._sessions.get(session.slot) is session:
+                del self._sessions[session.slot]
+                self._engine.close(session.slot)
+                session.stats.ended = time.time()
+                self.ended.append(session.stats)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while self._sessions:
+            await self._until_frames_are_due()
+            async with self._step_lock:
+                sessions = self.sessions
+                if not any(s._waiting_since() is not None for s in sessions):
+                    continue  # the callers with frames left meanwhile
+                frames = {s.slot: s._take() for s in sessions}
+                start = time.perf_counter()
+                outputs = await asyncio.to_thread(self._engine.step, frames)
+                self.step_seconds.append(time.perf_counter() - start)
+                for s in sessions:
+                    if s.slot in outputs:
+                        s._deliver(outputs[s.slot])
+
+    async def _until_frames_are_due(self) -> None:
+        while self._sessions:
+            self._wake.clear()
+            arrivals = [s._waiting_since() for s in self._sessions.values() if s._started]
+            waiting = [t for t in arrivals if t is not None]
+            if waiting and len(waiting) == len(arrivals):
+                return
+            timeout = None
+            if waiting:
+                timeout = min(waiting) + self.max_wait - time.monotonic()
+                if timeout <= 0:
+                    return
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                return

@@ -1,0 +1,296 @@
+"""`moshi-core` command line: Mimi encode/decode and Moshi dialogue from files."""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from moshi_core.errors import MoshiError
+from moshi_core.loading.catalog import DEFAULT_LM_SOURCE
+from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
+
+MODEL_SOURCE_HELP = (
+    "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
+    "hf://OWNER/REPO/FILE URI, or a local file or folder; downloads honour HF_HOME, "
+    "HF_HUB_OFFLINE and HF_TOKEN"
+)
+
+
+class ProgressPrinter:
+    """Prints `label: 42% (5.0 s of 12.0 s)` to stderr, at most every half second."""
+
+    def __init__(self, label: str, seconds_per_frame: float, stream=sys.stderr) -> None:
+        self.label, self.seconds_per_frame, self.stream = label, seconds_per_frame, stream
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.5:
+            return
+        self.last = now
+        end = "\n" if done >= total or not self.stream.isatty() else "\r"
+        self.stream.write(
+            f"{self.label}: {100 * done // max(total, 1):3d}% "
+            f"({done * self.seconds_per_frame:.1f} s of {total * self.seconds_per_frame:.1f} s){end}"
+        )
+        self.stream.flush()
+
+
+def _codebook_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 32:
+        raise argparse.ArgumentTypeError(f"the number of codebooks must be between 1 and 32, not {text!r}")
+    return n
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mimi", default=DEFAULT_MIMI_SOURCE, metavar="SOURCE",
+        help=f"where the Mimi weights come from: {MODEL_SOURCE_HELP} (default: %(default)s)",
+    )
+    parser.add_argument("--revision", help="pin a Hub revision (branch, tag or commit) of --mimi")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+
+def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: str) -> None:
+    """--model, --revision, --device, --dtype and --quiet, as every model command takes them."""
+    parser.add_argument("--model", default=default_model, metavar="SOURCE",
+                        help=f"the {what} model: {MODEL_SOURCE_HELP} (default: %(default)s)")
+    parser.add_argument("--revision", help="pin a Hub revision of --model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="model weights and compute (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moshi-core",
+        description="Kyutai's Mimi codec (and, as they land, Moshi) from the command line.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enc = sub.add_parser(
+        "encode", help="audio file(s) -> Mimi token file",
+        description=(
+            "Encode audio (wav, flac, ogg/opus, mp3; any rate and channel count, converted to "
+            "24 kHz mono) into Mimi codes at 12.5 frames per second, saved as a safetensors "
+            "token file. Several inputs are encoded as one batch into one file."
+        ),
+    )
+    enc.add_argument("audio", nargs="+", metavar="AUDIO", help="input audio file(s)")
+    enc.add_argument("-o", "--output", required=True, metavar="TOKENS", help="token file to write (.safetensors)")
+    enc.add_argument(
+        "-n", "--num-codebooks", type=_codebook_count, default=8, metavar="K",
+        help="codebooks per frame, 1..32: 8 is what Moshi uses (1.1 kbps), 32 is the best quality (default: 8)",
+    )
+    enc.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+    _add_model_options(enc)
+
+    dec = sub.add_parser(
+        "decode", help="Mimi token file -> 24 kHz wav",
+        description=(
+            "Decode a token file written by `moshi-core encode` (or any file in that format) "
+            "back to 24 kHz mono 16-bit wav, trimmed to the source length. A batched file "
+            "gives one wav per item: OUT.0.wav, OUT.1.wav, ..."
+        ),
+    )
+    dec.add_argument("tokens", metavar="TOKENS", help="token file (.safetensors)")
+    dec.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
+    _add_model_options(dec)
+
+    sub.add_parser("models", help="list the models --model knows by name",
+                   description="The Hub repos moshi-core runs, with what they hold. Any folder laid out "
+                               "like them works too.")
+
+    sub.add_parser("build-kernels", help="compile the CPU kernels now rather than on first use",
+                   description="Build (or find in the cache) the C++ kernels a CPU step runs (moshi_core/kernels/csrc; "
+                               "about a minute on two cores). Without them the portable PyTorch path runs.")
+
+    dia = sub.add_parser(
+        "dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
+        description=(
+            "Play the user's side of a conversation from a file to Moshi and record Moshi's side: "
+            "its voice (24 kHz wav, as long as the input), its inner-monologue text with word "
+            "timestamps (JSON), and a stereo file with the user left and Moshi right. Several "
+            "inputs run as one batch; outputs then get .0, .1, ... before their suffix."
+        ),
+    )
+    dia.add_argument("audio", nargs="+", metavar="AUDIO", help="the user's audio (wav, flac, ogg/opus, mp3)")
+    dia.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="Moshi's voice")
+    dia.add_argument("--text", metavar="OUT.json", help="Moshi's text with word timestamps")
+    dia.add_argument("--stereo", metavar="OUT_STEREO.wav", help="user left, Moshi right")
+    add_lm_options(dia, DEFAULT_LM_SOURCE, "Moshi")
+    dia.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    defaults = "default: the model's lm_gen_config, else Kyutai's"
+    dia.add_argument("--temp-text", type=float, metavar="T", help=f"text temperature ({defaults}: 0.7)")
+    dia.add_argument("--temp-audio", type=float, metavar="T", help=f"audio temperature ({defaults}: 0.8)")
+    dia.add_argument("--top-k-text", type=int, metavar="K", help=f"text top-k ({defaults}: 25)")
+    dia.add_argument("--top-k-audio", type=int, metavar="K", help=f"audio top-k ({defaults}: 250)")
+    dia.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    dia.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+
+    from moshi_core.loading.catalog import DEFAULT_STT_SOURCE
+
+    stt = sub.add_parser(
+        "transcribe", help="speech file(s) -> text with word timestamps (Kyutai's STT models)",
+        description=(
+            "Transcribe speech with Kyutai's speech-to-text models (English and French with the "
+            "default). Words are printed on stderr as they are recognised; the transcript goes to "
+            "stdout or -o, as JSON (text and timed words), plain text, SubRip or WebVTT. Several "
+            "inputs run as one batch; -o then gets .0, .1, ... before its suffix."
+        ),
+    )
+    stt.add_argument("audio", nargs="+", metavar="AUDIO", help="speech (wav, flac, ogg/opus, mp3; any rate)")
+    stt.add_argument("-o", "--output", metavar="OUT", help="transcript file (default: stdout)")
+    stt.add_argument("-f", "--format", default="json", choices=["json", "text", "srt", "vtt"],
+                     help="transcript format (default: %(default)s)")
+    add_lm_options(stt, DEFAULT_STT_SOURCE, "speech-to-text (also kyutai/stt-2.6b-en)")
+    stt.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
+
+    from moshi_core.cli.tts import add_tts_parser
+
+    add_tts_parser(sub, add_lm_options)
+    return parser
+
+
+def _load_mimi(args: argparse.Namespace):
+    from moshi_core.inference.codec import resolve_device
+    from moshi_core.loading.checkpoints import load_mimi
+
+    return load_mimi(args.mimi, device=resolve_device(args.device), revision=args.revision)
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from moshi_core.formats.tokens import save_tokens
+    from moshi_core.inference.codec import encode_audio, load_batch
+
+    wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
+    mimi = _load_mimi(args)
+    progress = None if args.quiet else ProgressPrinter("encoding", 1 / mimi.frame_rate)
+    audio = wavs if len(wavs) > 1 else wavs[0]
+    tokens = encode_audio(mimi, audio, num_codebooks=args.num_codebooks, progress=progress)
+    save_tokens(args.output, tokens)
+    if not args.quiet:
+        print(
+            f"wrote {args.output}: {tokens.batch_size} item(s), {tokens.num_codebooks} codebooks, "
+            f"{tokens.num_frames} frames", file=sys.stderr,
+        )
+
+
+def _decode(args: argparse.Namespace) -> None:
+    from moshi_core.formats.audio import write_wav
+    from moshi_core.formats.tokens import load_tokens
+    from moshi_core.inference.codec import decode_tokens
+
+    tokens = load_tokens(args.tokens)  # validate before paying for the model
+    mimi = _load_mimi(args)
+    progress = None if args.quiet else ProgressPrinter("decoding", 1 / mimi.frame_rate)
+    wavs = decode_tokens(mimi, tokens, progress=progress)
+    paths = [_numbered(args.output, i, tokens.batched) for i in range(len(wavs))]
+    for path, wav in zip(paths, wavs):
+        write_wav(path, wav)
+        if not args.quiet:
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _numbered(path: str, index: int, batched: bool) -> Path:
+    out = Path(path)
+    return out.with_suffix(f".{index}{out.suffix}") if batched else out
+
+
+def _dialogue(args: argparse.Namespace) -> None:
+    import json
+
+    from moshi_core.formats.audio import atomic_write_bytes, write_wav
+    from moshi_core.inference.codec import load_batch, resolve_device
+    from moshi_core.inference.dialogue import run_dialogue
+    from moshi_core.loading.registry import load_moshi, parse_dtype
+    from moshi_core.params import SamplingParams
+
+    given = {"temp_text": args.temp_text, "top_k_text": args.top_k_text, "temp": args.temp_audio,
+             "top_k": args.top_k_audio, "use_sampling": False if args.greedy else None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    SamplingParams(**overrides)  # check the values before loading anything
+    wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
+    models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
+                        revision=args.revision)
+    sampling = SamplingParams.from_config({**models.generation_defaults, **overrides})
+    progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
+    batched = len(wavs) > 1
+    results = run_dialogue(models, wavs if batched else wavs[0], sampling=sampling, seed=args.seed,
+                           progress=progress)
+    for i, result in enumerate(results if batched else [results]):
+        write_wav(_numbered(args.output, i, batched), result.audio)
+        if args.stereo:
+            write_wav(_numbered(args.stereo, i, batched), result.stereo)
+        if args.text:
+            atomic_write_bytes(_numbered(args.text, i, batched), json.dumps(result.transcript(), indent=2).encode())
+        if not args.quiet:
+            print(f"Moshi: {result.text}", file=sys.stderr)
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from moshi_core.formats.audio import atomic_write_bytes
+    from moshi_core.formats.subtitles import format_transcript
+    from moshi_core.inference.codec import load_batch, resolve_device
+    from moshi_core.inference.stt import Transcriber, load_stt
+    from moshi_core.loading.registry import parse_dtype
+
+    wavs = load_batch(args.audio, args.max_seconds)
+    models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
+                      revision=args.revision)
+    transcriber = Transcriber(models)
+    batched = len(wavs) > 1
+
+    def show(item, words):
+        prefix = f"[{item}] " if batched else ""
+        print(prefix + " ".join(f"{w.text}" for w in words), file=sys.stderr, flush=True)
+
+    results = transcriber.transcribe(wavs, on_words=None if args.quiet else show)
+    for i, transcript in enumerate(results):
+        text = format_transcript(transcript, args.format)
+        if args.output:
+            atomic_write_bytes(_numbered(args.output, i, batched), text.encode())
+        else:
+            sys.stdout.write(text)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, SUPPORTED_MODELS
+
+    for repo, what in SUPPORTED_MODELS.items():
+        print(f"{repo:32s} {what}{'  [default]' if repo == DEFAULT_LM_SOURCE else ''}")
+
+
+def _build_kernels(args: argparse.Namespace) -> None:
+    from moshi_core.kernels import build as cpu_kernels
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the reason a build failed
+    began = time.monotonic()
+    built = cpu_kernels.kernels() is not None
+    state = "ready" if built else "not available, the portable PyTorch path runs"
+    if built and not cpu_kernels.ENABLED:
+        state += ", but MOSHI_CPU_KERNELS=0 turns them off"
+    print(f"CPU kernels: {state} ({time.monotonic() - began:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from moshi_core.cli.tts import run_tts
+
+        commands = {"encode": _encode, "decode": _decode, "dialogue": _dialogue, "transcribe": _transcribe,
+                    "models": _models, "tts": run_tts, "build-kernels": _build_kernels}
+        commands[args.command](args)
+    except MoshiError as exc:
+        print(f"moshi-core {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,133 @@
+"""Live conversations: up to N at once, one batched 80 ms step for all of them.
+
+A `LiveEngine` holds N slots of one model's streaming state (Mimi in both directions, the
+LM). Each `step` takes the next 1920-sample frame of every open conversation and runs Mimi
+encode -> LM step -> Mimi decode for them in one batch. Only the slots of conversations that
+have started are stepped (slots join and leave between steps; free ones cost nothing). A
+step costs little more for a few rows than for one: it is bound by reading the weights. A
+conversation's slot is reset (LM, Mimi, its sampling generator) on its first step, so
+nothing of the previous caller remains. A conversation starts with its first frame: until
+then its slot idles like the free ones.
+
+First frame, as Kyutai's server does (reference 3.6): the LM ignores the user codes of a
+conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
+second frame is encoded from a fresh codec state and becomes the model's first frame.
+
+Not thread-safe: one caller at a time (`LiveDriver` runs `step` in a worker thread and keeps
+`open`/`close` out of it).
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moshi_core.errors import InvalidParameterError, LiveBusyError
+from moshi_core.formats.text import WORD_START
+from moshi_core.inference.generate import LMGenerator
+from moshi_core.loading.registry import MoshiModels
+from moshi_core.params import SamplingParams
+
+
+@dataclass
+class LiveFrame:
+    """What one step gives a conversation."""
+
+    audio: np.ndarray | None  # Moshi's next 1920 samples (float32, 24 kHz); None on the first step
+    text: str  # the text piece of this step ("" for padding), word starts as a leading space
+
+
+@dataclass
+class _Conversation:
+    sampling: SamplingParams
+    seed: int | None
+    steps: int = 0
+
+
+class LiveEngine:
+    def __init__(self, models: MoshiModels, slots: int = 1, sampling: SamplingParams | None = None) -> None:
+        if slots < 1:
+            raise InvalidParameterError(f"a live engine needs at least 1 slot, not {slots}")
+        self.models = models
+        self.sampling = sampling or SamplingParams.from_config(models.generation_defaults)
+        self.generator = LMGenerator(models.lm, self.sampling, gpu_step=models.gpu_step)
+        cfg = models.lm.cfg
+        self._user_streams = cfg.num_codebooks - cfg.dep_q - 1
+        self._skip = {cfg.existing_text_padding_id, cfg.existing_text_end_padding_id}
+        # Built in inference mode: the steps update these tensors in place in inference mode.
+        with torch.inference_mode():
+            self._lm_state = self.generator.init_state(slots, per_slot_sampling=True)
+            self._mimi_state = models.mimi.init_state(slots)
+        self._slots: list[_Conversation | None] = [None] * slots
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def frame_size(self) -> int:
+        return self.models.mimi.frame_size
+
+    @property
+    def open_slots(self) -> list[int]:
+        return [i for i, c in enumerate(self._slots) if c is not None]
+
+    def open(self, sampling: SamplingParams | None = None, seed: int | None = None) -> int:
+        """A slot for a new conversation (a random seed when None); LiveBusyError when all are taken."""
+        for slot, conversation in enumerate(self._slots):
+            if conversation is None:
+                self._slots[slot] = _Conversation(sampling or self.sampling, seed)
+                return slot
+        raise LiveBusyError(f"all {self.num_slots} conversation slots are in use")
+
+    def close(self, slot: int) -> None:
+        self._slots[slot] = None
+
+    def step(self, frames: Mapping[int, np.ndarray | None]) -> dict[int, LiveFrame]:
+        """One step of every open conversation: `frames[slot]` is its user's next 1920 samples
+        (float32, 24 kHz; missing or None is silence, or no start yet). Returns the `LiveFrame`
+        of each conversation that has started."""
+        mimi, lm = self.models.mimi, self.models.lm
+        joining = [False] * self.num_slots
+        for slot in self.open_slots:
+            frame = frames.get(slot)
+            if frame is not None and np.shape(frame) != (self.frame_size,):
+                raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {np.shape(frame)}")
+            joining[slot] = self._slots[slot].steps == 0 and frame is not None
+        stepped = [slot for slot in self.open_slots if self._slots[slot].steps > 0 or joining[slot]]
+        if not stepped:
+            return {}
+        wav = torch.zeros(len(stepped), 1, self.frame_size)
+        for i, slot in enumerate(stepped):
+            if frames.get(slot) is not None:
+                wav[i, 0] = torch.from_numpy(np.asarray(frames[slot], dtype=np.float32))
+            if joining[slot]:
+                self._lm_state.slots.configure(slot, self._slots[slot].sampling, self._slots[slot].seed)
+        with torch.inference_mode():
+            mask = torch.tensor(joining)
+            if any(joining):
+                self._lm_state.reset(mask.to(lm.device))
+                self._mimi_state.reset(mask.to(mimi.device))
+            rows = None if len(stepped) == self.num_slots else torch.tensor(stepped)
+            lm_rows, mimi_rows = (None, None) if rows is None else (rows.to(lm.device), rows.to(mimi.device))
+            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams, mimi_rows)
+            out = self.generator.step(codes.to(lm.device), self._lm_state, lm_rows)  # [A, 1 + dep_q]
+            # First steps return -2 (no frame yet): decode a placeholder, dropped below.
+            audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state, mimi_rows)
+            if any(joining):
+                self._mimi_state.reset(mask.to(mimi.device))  # the next frame is encoded afresh
+        pcm = audio[:, 0].float().cpu().numpy()
+        text_tokens = out[:, 0].tolist()
+        results = {}
+        for i, slot in enumerate(stepped):
+            conversation = self._slots[slot]
+            conversation.steps += 1
+            results[slot] = LiveFrame(audio=None if joining[slot] else pcm[i], text=self._piece(text_tokens[i]))
+        return results
+
+    def _piece(self, token: int) -> str:
+        if token in self._skip:
+            return ""
+        piece = self.models.tokenizer.piece(token)
+        return "" if piece is None else piece.replace(WORD_START, " ")

@@ -1,0 +1,241 @@
+"""Causal 1-D convolutions on channels-last activations [B, T, C], offline and streaming.
+
+A causal conv pads `kernel - stride` samples on the left (zeros, or copies of the first
+sample in `replicate` mode) and none on the right; streaming keeps those last input samples
+between calls. A causal transposed conv keeps the first `stride * frames` output samples.
+
+Every conv here has a kernel that is a whole number `n` of strides `s`. Seen channels-last,
+the input is then a sequence of frames of `s * C` contiguous values, and the conv is the sum
+of `n` matrix products of shifted windows of those frames with `n` weight matrices: no
+im2col copy, no layout reorders, one GEMM per tap whether a call holds 2 steps (live) or a
+whole file. The plain convs keep their weight in that tap-major order: the parameter Kyutai's
+checkpoints name `[C_out, C_in, k]` is a strided view of it, so it loads unchanged.
+
+A transposed conv is the same thing in reverse (sub-pixel convolution): `n` taps produce
+`s * C_out` values per input frame, which are `s` output samples. Its streaming state is
+then input history, like any conv's.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moshi_core.kernels.linear import linear, skinny_kernel
+from moshi_core.nn.streaming import keep_mask
+
+
+@dataclass
+class ConvState:
+    previous: torch.Tensor  # [B, P, C_in]: last P input samples
+    first: torch.Tensor | None  # [B] bool: replicate padding not taken yet (replicate mode only)
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        self.previous.mul_(keep_mask(mask, 3))
+        if self.first is not None:
+            self.first.copy_(torch.ones_like(self.first) if mask is None else self.first | mask)
+
+    def take(self, rows: torch.Tensor) -> "ConvState":
+        return ConvState(self.previous[rows], None if self.first is None else self.first[rows])
+
+    def put(self, rows: torch.Tensor, part: "ConvState") -> None:
+        self.previous[rows] = part.previous
+        if self.first is not None:
+            self.first[rows] = part.first
+
+
+def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
+             output_major: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """sum_m frames[:, t + m] @ taps[m] (+ bias): frames [B, T + n - 1, D], taps [n, D, E] -> [B, T, E].
+
+    A streaming call has a few rows (two steps of the deepest layers per frame): then the
+    taps, given row-major by `output_major()` ([n, E, D], made once), go through the skinny
+    kernel, which reads each weight once where a GEMM packs them on every call.
+    """
+    n = taps.shape[0]
+    B, steps = frames.shape[0], frames.shape[1] - n + 1
+    if output_major is not None and skinny_kernel(frames, B * steps) is not None and not torch.is_grad_enabled():
+        rows_major = output_major()
+        out = linear(frames[:, :steps], rows_major[0], bias)
+        for m in range(1, n):
+            out += linear(frames[:, m : m + steps], rows_major[m])
+        return out
+    window = frames[:, :steps].reshape(B * steps, -1)  # a view when B == 1
+    out = torch.addmm(bias, window, taps[0]) if bias is not None else window @ taps[0]
+    for m in range(1, n):
+        out.addmm_(frames[:, m : m + steps].reshape(B * steps, -1), taps[m])
+    return out.view(B, steps, -1)
+
+
+class NormConv1d(nn.Module):
+    """Holds a conv's `weight` and `bias` one level down, as in the checkpoints.
+
+    `weight` is shaped `[C_out, C_in, k]` like `nn.Conv1d`'s but stored tap-major
+    (`[k, C_in, C_out]` in memory), the order the tap GEMMs read.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Module()
+        storage = torch.empty(kernel_size, in_channels, out_channels)
+        self.conv.weight = nn.Parameter(storage.permute(2, 1, 0))
+        self.conv.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        bound = (in_channels * kernel_size) ** -0.5  # nn.Conv1d's init, for untrained use
+        nn.init.uniform_(self.conv.weight, -bound, bound)
+        if bias:
+            nn.init.uniform_(self.conv.bias, -bound, bound)
+
+
+class NormConvTranspose1d(nn.Module):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        self.convtr = nn.ConvTranspose1d(*args, **kwargs)
+
+
+class _CausalBase(nn.Module):
+    """Streaming logic shared by both convs: keep `padding` input samples per stream.
+
+    Weights derived from the parameters (re-laid-out taps) are made on first use and kept
+    until the parameters move, change dtype or are loaded again.
+    """
+
+    padding: int
+    in_channels: int
+    pad_mode: str = "constant"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._derived: dict[str, object] = {}
+
+    def _apply(self, fn, recurse=True):
+        self._derived.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _cached(self, name: str, build: Callable[[], object]):
+        if name not in self._derived:
+            self._derived[name] = build()
+        return self._derived[name]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of x [B, padding + L, C_in], left context included."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Offline: x [B, L, C_in] from the start of the stream."""
+        if self.pad_mode == "replicate":
+            x = torch.cat([x[:, :1].expand(-1, self.padding, -1), x], dim=1)
+        else:
+            x = F.pad(x, (0, 0, self.padding, 0))
+        return self._run(x)
+
+    def init_state(self, batch_size: int) -> ConvState:
+        ref = next(self.parameters())
+        previous = ref.new_zeros(batch_size, self.padding, self.in_channels)
+        first = None
+        if self.pad_mode == "replicate":
+            first = torch.ones(batch_size, dtype=torch.bool, device=ref.device)
+        return ConvState(previous, first)
+
+    def step(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
+        previous = state.previous
+        if state.first is not None:
+            previous = torch.where(state.first.view(-1, 1, 1), x[:, :1], previous)
+            state.first.zero_()
+        x = torch.cat([previous, x], dim=1)
+        if self.padding:
+            state.previous.copy_(x[:, x.shape[1] - self.padding :])
+        return self._run(x)
+
+
+class StreamingConv1d(_CausalBase):
+    """Causal conv with kernel a multiple of its stride (all of Mimi's are)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"pad_mode must be 'constant' or 'replicate', not {pad_mode!r}")
+        if kernel_size % stride:
+            raise ValueError(f"kernel {kernel_size} must be a multiple of the stride {stride}")
+        self.conv = NormConv1d(in_channels, out_channels, kernel_size, bias)
+        self.in_channels, self.stride = in_channels, stride
+        self.padding = kernel_size - stride
+        self.pad_mode = pad_mode
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        if L % self.stride:
+            raise ValueError(f"input length {L - self.padding} is not a multiple of the stride {self.stride}")
+        weight = self.conv.conv.weight  # [C_out, C_in, k], stored as [k, C_in, C_out]
+        k, c_out = weight.shape[2], weight.shape[0]
+        taps = weight.permute(2, 1, 0).reshape(k // self.stride, self.stride * C, c_out)  # a view
+
+        def output_major() -> torch.Tensor:
+            return self._cached("output_major", lambda: taps.detach().transpose(1, 2).contiguous())
+
+        return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias, output_major)
+
+
+class StreamingConvTranspose1d(_CausalBase):
+    """Causal transposed conv (kernel a multiple of the stride), as a sub-pixel conv.
+
+    `groups` may be 1 or the number of channels (depthwise, as Mimi's upsampling).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if kernel_size % stride:
+            raise ValueError(f"kernel {kernel_size} must be a multiple of the stride {stride}")
+        if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
+            raise ValueError("only dense or depthwise transposed convs are supported")
+        self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        self.in_channels, self.stride, self.taps = in_channels, stride, kernel_size // stride
+        self.padding = self.taps - 1
+
+    def _subpixel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Taps [n, C_in, S * C_out] (or [n, S, C] depthwise), reversed in time, and the bias."""
+        convtr, n, s = self.convtr.convtr, self.taps, self.stride
+        w = convtr.weight.detach()  # [C_in, C_out / groups, n * s]
+        if convtr.groups == 1:
+            taps = w.view(w.shape[0], w.shape[1], n, s).permute(2, 0, 3, 1).flip(0)
+            taps = taps.reshape(n, w.shape[0], s * w.shape[1])
+        else:
+            taps = w.view(w.shape[0], n, s).permute(1, 2, 0).flip(0)  # [n, S, C]
+        bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
+        return taps.contiguous(), bias
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        taps, bias = self._cached("subpixel", self._subpixel_weights)
+        B, L, C = x.shape
+        steps = L - self.padding
+        if self.convtr.convtr.groups == 1:
+            def output_major() -> torch.Tensor:
+                return self._cached("output_major", lambda: taps.transpose(1, 2).contiguous())
+
+            out = tap_conv(x, taps, bias, output_major)  # [B, T, S * C_out], phase-major per frame
+        else:
+            out = sum(x[:, m : m + steps, None, :] * taps[m] for m in range(self.taps))  # [B, T, S, C]
+            if bias is not None:
+                out = out + bias.view(self.stride, -1)
+        return out.reshape(B, steps * self.stride, -1)

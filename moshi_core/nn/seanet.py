@@ -1,0 +1,149 @@
+"""SEANet convolutional encoder and decoder of Mimi (causal, streaming)."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_core.nn.streaming import StateGroup
+
+
+@dataclass
+class SeanetConfig:
+    """Official keys of Kyutai's `seanet` config; only the values Mimi uses are supported."""
+
+    channels: int = 1
+    dimension: int = 512
+    causal: bool = True
+    n_filters: int = 64
+    n_residual_layers: int = 1
+    activation: str = "ELU"
+    compress: int = 2
+    dilation_base: int = 2
+    disable_norm_outer_blocks: int = 0
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+    norm: str = "none"
+    pad_mode: str = "constant"
+    ratios: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
+    true_skip: bool = True
+
+    def __post_init__(self) -> None:
+        unsupported = {
+            "n_residual_layers": (self.n_residual_layers, 1),  # more would need dilated convs
+            "causal": (self.causal, True),
+            "activation": (self.activation, "ELU"),
+            "norm": (self.norm, "none"),
+            "true_skip": (self.true_skip, True),
+        }
+        for key, (value, expected) in unsupported.items():
+            if value != expected:
+                raise ValueError(f"seanet.{key}={value!r} is not supported (only {expected!r})")
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for r in self.ratios:
+            hop *= r
+        return hop
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(elu(conv(elu(x)))): kernel k then 1, hidden dim // compress, identity skip."""
+
+    def __init__(self, dim: int, kernel_size: int, compress: int, pad_mode: str) -> None:
+        super().__init__()
+        hidden = dim // compress
+        self.block = nn.Sequential(
+            nn.ELU(),  # not in place: x is still needed for the skip
+            StreamingConv1d(dim, hidden, kernel_size, pad_mode=pad_mode),
+            nn.ELU(inplace=True),
+            StreamingConv1d(hidden, dim, 1, pad_mode=pad_mode),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+    def init_state(self, batch_size: int) -> StateGroup:
+        return _init_states(self.block, batch_size)
+
+    def step(self, x: torch.Tensor, state: StateGroup) -> torch.Tensor:
+        return x + _step_all(self.block, x, state)
+
+
+def _init_states(layers: nn.Module, batch_size: int) -> StateGroup:
+    return StateGroup([
+        layer.init_state(batch_size) if hasattr(layer, "init_state") else None for layer in layers
+    ])
+
+
+def _step_all(layers: nn.Module, x: torch.Tensor, state: StateGroup) -> torch.Tensor:
+    for layer, layer_state in zip(layers, state.children):
+        x = layer(x) if layer_state is None else layer.step(x, layer_state)
+    return x
+
+
+class _SeanetStack(nn.Module):
+    """A `model` list of layers (indices as in the checkpoints) run offline or streaming.
+
+    Activations are channels-last, [B, T, C], as the convs expect.
+    """
+
+    model: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def init_state(self, batch_size: int) -> StateGroup:
+        return _init_states(self.model, batch_size)
+
+    def step(self, x: torch.Tensor, state: StateGroup) -> torch.Tensor:
+        return _step_all(self.model, x, state)
+
+
+def _residual_blocks(cfg: SeanetConfig, dim: int) -> list[nn.Module]:
+    return [ResnetBlock(dim, cfg.residual_kernel_size, cfg.compress, cfg.pad_mode)]
+
+
+class SeanetEncoder(_SeanetStack):
+    """[B, T, channels] audio -> [B, T / hop, dimension] latent."""
+
+    def __init__(self, cfg: SeanetConfig) -> None:
+        super().__init__()
+        mult = 1
+        layers: list[nn.Module] = [
+            StreamingConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)
+        ]
+        for ratio in reversed(cfg.ratios):
+            dim = mult * cfg.n_filters
+            layers += _residual_blocks(cfg, dim)
+            layers += [nn.ELU(inplace=True), StreamingConv1d(dim, dim * 2, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
+            mult *= 2
+        layers += [
+            nn.ELU(inplace=True),
+            StreamingConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode),
+        ]
+        self.model = nn.Sequential(*layers)
+
+
+class SeanetDecoder(_SeanetStack):
+    """[B, S, dimension] latent -> [B, S * hop, channels] audio (no final activation)."""
+
+    def __init__(self, cfg: SeanetConfig) -> None:
+        super().__init__()
+        mult = 2 ** len(cfg.ratios)
+        layers: list[nn.Module] = [
+            StreamingConv1d(cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)
+        ]
+        for ratio in cfg.ratios:
+            dim = mult * cfg.n_filters
+            layers += [nn.ELU(inplace=True), StreamingConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)]
+            layers += _residual_blocks(cfg, dim // 2)
+            mult //= 2
+        layers += [
+            nn.ELU(inplace=True),
+            StreamingConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode),
+        ]
+        self.model = nn.Sequential(*layers)
