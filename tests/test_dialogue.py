@@ -90,8 +90,8 @@ def test_concurrent_dialogues_share_steps_and_answer_as_alone(tiny_models, share
     import threading
 
     from moshi_core.formats.audio import load_audio
-    from moshi_core.inference.dialogue import DialogueEngine
     from moshi_core.kernels import build as cpu_kernels
+    from workers.dialogue_engine import DialogueEngine
 
     wavs = [load_audio(shared_audio / "en_short_16k.wav"), load_audio(shared_audio / "en_question_24k.wav")[:, :48000],
             load_audio(shared_audio / "fr_human_intro.mp3")[:, :30000]]
@@ -122,7 +122,7 @@ def test_a_cancelled_dialogue_leaves_the_others_running(tiny_models, shared_audi
     import threading
 
     from moshi_core.formats.audio import load_audio
-    from moshi_core.inference.dialogue import DialogueEngine
+    from workers.dialogue_engine import DialogueEngine
 
     class Cancelled(Exception):
         pass
@@ -141,6 +141,28 @@ def test_a_cancelled_dialogue_leaves_the_others_running(tiny_models, shared_audi
     other.join(timeout=600)
     assert survivor and survivor[0].tokens.shape[1] == 72000 // 1920 + (72000 % 1920 > 0)
     assert engine.run(wav[:, :9600], seed=3).tokens.shape[1] == 5  # the engine still serves
+
+
+def test_the_batch_drops_cancelled_and_failed_dialogues_and_goes_on(tiny_models):
+    """The stepper alone, in this thread: a cancelled dialogue in line leaves unseated, a
+    step that fails fails the dialogues in it, and the next dialogue is stepped as usual."""
+    from moshi_core.engines.dialogue import Dialogue, DialogueBatch
+    from moshi_core.params import SamplingParams
+
+    cfg = tiny_models.lm.cfg
+    n_user = cfg.num_codebooks - cfg.dep_q - 1
+    batch = DialogueBatch(tiny_models, slots=1)
+    broken = Dialogue(torch.zeros(n_user, 3), SamplingParams(), seed=0)  # float codes: no embedding takes them
+    cancelled = Dialogue(torch.zeros(n_user, 3, dtype=torch.long), SamplingParams(), seed=0, cancelled=True)
+    good = Dialogue(torch.zeros(n_user, 3, dtype=torch.long), SamplingParams(), seed=0)
+    batch.join([broken, cancelled, good])
+    assert batch.step() == [cancelled, broken]  # the cancelled one never takes the free slot
+    assert broken.error is not None and cancelled.steps == 0
+    left = []
+    while not batch.idle:
+        left += batch.step()
+    assert left == [good]
+    assert good.error is None and len(good.frames) == 3 and good.peak_batch == 1
 
 
 def test_bad_sources_and_configs(tmp_path, tiny_moshi):

@@ -1,10 +1,13 @@
 """The batched live engine against lone sessions built by hand from Mimi and `LMGenerator`."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
 from moshi_core.engines.live import LiveEngine
+from moshi_core.engines.slots import SlotTable
 from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.audio import load_audio
 from moshi_core.formats.text import WORD_START
@@ -140,3 +143,37 @@ def test_a_frame_of_the_wrong_size_is_refused(models):
     slot = engine.open()
     with pytest.raises(InvalidParameterError, match="1920 samples"):
         engine.step({slot: np.zeros(960, np.float32)})
+
+
+@dataclass
+class Occupant:
+    sampling: SamplingParams
+    seed: int | None
+
+
+def test_the_slot_table_seats_releases_and_steps_every_slot_without_rows():
+    table = SlotTable(3, "test engine")
+    first, second, third = (Occupant(HOT, seed) for seed in (1, 2, 3))
+    assert [table.seat(first), table.seat(second), table.seat(third)] == [0, 1, 2]
+    assert table.seat(Occupant(HOT, 4)) is None  # busy
+    table.release(1)
+    assert table.occupied() == [(0, first), (2, third)] and table[1] is None
+    assert table.rows([0, 2], "cpu").tolist() == [0, 2]
+    assert table.mask([2]).tolist() == [False, False, True]
+    assert table.seat(second) == 1
+    assert table.rows([0, 1, 2], "cpu") is None  # all slots step: no gather of their rows
+    with pytest.raises(InvalidParameterError, match="a test engine needs at least 1 slot"):
+        SlotTable(0, "test engine")
+
+
+def test_joining_configures_and_resets_only_the_joining_slots(models):
+    gen = LMGenerator(models.lm, HOT)
+    table = SlotTable(2, "test engine")
+    table.seat(Occupant(HOT, 1))
+    table.seat(Occupant(SamplingParams.greedy(), 2))
+    with torch.inference_mode():  # as the engines do: the state is updated in place
+        state = gen.init_state(2, per_slot_sampling=True)
+        state.offsets.fill_(7)
+        table.join([1], state)
+    assert state.offsets.tolist() == [7, 0]
+    assert state.slots.params[1] == SamplingParams.greedy() and state.slots.params[0] != HOT

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moshi_core.engines.slots import SlotTable
 from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
@@ -47,8 +48,7 @@ class _Conversation:
 
 class LiveEngine:
     def __init__(self, models: MoshiModels, slots: int = 1, sampling: SamplingParams | None = None) -> None:
-        if slots < 1:
-            raise InvalidParameterError(f"a live engine needs at least 1 slot, not {slots}")
+        self._table: SlotTable[_Conversation] = SlotTable(slots, "live engine")
         self.models = models
         self.sampling = sampling or SamplingParams.from_config(models.generation_defaults)
         self.generator = LMGenerator(models.lm, self.sampling, gpu_step=models.gpu_step)
@@ -59,11 +59,10 @@ class LiveEngine:
         with torch.inference_mode():
             self._lm_state = self.generator.init_state(slots, per_slot_sampling=True)
             self._mimi_state = models.mimi.init_state(slots)
-        self._slots: list[_Conversation | None] = [None] * slots
 
     @property
     def num_slots(self) -> int:
-        return len(self._slots)
+        return len(self._table)
 
     @property
     def frame_size(self) -> int:
@@ -71,59 +70,51 @@ class LiveEngine:
 
     @property
     def open_slots(self) -> list[int]:
-        return [i for i, c in enumerate(self._slots) if c is not None]
+        return [slot for slot, _ in self._table.occupied()]
 
     def open(self, sampling: SamplingParams | None = None, seed: int | None = None) -> int:
         """A slot for a new conversation (a random seed when None); LiveBusyError when all are taken."""
-        for slot, conversation in enumerate(self._slots):
-            if conversation is None:
-                self._slots[slot] = _Conversation(sampling or self.sampling, seed)
-                return slot
-        raise LiveBusyError(f"all {self.num_slots} conversation slots are in use")
+        slot = self._table.seat(_Conversation(sampling or self.sampling, seed))
+        if slot is None:
+            raise LiveBusyError(f"all {self.num_slots} conversation slots are in use")
+        return slot
 
     def close(self, slot: int) -> None:
-        self._slots[slot] = None
+        self._table.release(slot)
 
     def step(self, frames: Mapping[int, np.ndarray | None]) -> dict[int, LiveFrame]:
         """One step of every open conversation: `frames[slot]` is its user's next 1920 samples
         (float32, 24 kHz; missing or None is silence, or no start yet). Returns the `LiveFrame`
         of each conversation that has started."""
         mimi, lm = self.models.mimi, self.models.lm
-        joining = [False] * self.num_slots
         for slot in self.open_slots:
             frame = frames.get(slot)
             if frame is not None and np.shape(frame) != (self.frame_size,):
                 raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {np.shape(frame)}")
-            joining[slot] = self._slots[slot].steps == 0 and frame is not None
-        stepped = [slot for slot in self.open_slots if self._slots[slot].steps > 0 or joining[slot]]
+        # A conversation starts with its first frame: until then its slot idles like a free one.
+        joining = [s for s, c in self._table.occupied() if c.steps == 0 and frames.get(s) is not None]
+        stepped = [s for s, c in self._table.occupied() if c.steps > 0 or s in joining]
         if not stepped:
             return {}
         wav = torch.zeros(len(stepped), 1, self.frame_size)
         for i, slot in enumerate(stepped):
             if frames.get(slot) is not None:
                 wav[i, 0] = torch.from_numpy(np.asarray(frames[slot], dtype=np.float32))
-            if joining[slot]:
-                self._lm_state.slots.configure(slot, self._slots[slot].sampling, self._slots[slot].seed)
         with torch.inference_mode():
-            mask = torch.tensor(joining)
-            if any(joining):
-                self._lm_state.reset(mask.to(lm.device))
-                self._mimi_state.reset(mask.to(mimi.device))
-            rows = None if len(stepped) == self.num_slots else torch.tensor(stepped)
-            lm_rows, mimi_rows = (None, None) if rows is None else (rows.to(lm.device), rows.to(mimi.device))
+            self._table.join(joining, self._lm_state, self._mimi_state)
+            lm_rows, mimi_rows = self._table.rows(stepped, lm.device), self._table.rows(stepped, mimi.device)
             codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams, mimi_rows)
             out = self.generator.step(codes.to(lm.device), self._lm_state, lm_rows)  # [A, 1 + dep_q]
             # First steps return -2 (no frame yet): decode a placeholder, dropped below.
             audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state, mimi_rows)
-            if any(joining):
-                self._mimi_state.reset(mask.to(mimi.device))  # the next frame is encoded afresh
+            if joining:
+                self._mimi_state.reset(self._table.mask(joining).to(mimi.device))  # the next frame is encoded afresh
         pcm = audio[:, 0].float().cpu().numpy()
         text_tokens = out[:, 0].tolist()
         results = {}
         for i, slot in enumerate(stepped):
-            conversation = self._slots[slot]
-            conversation.steps += 1
-            results[slot] = LiveFrame(audio=None if joining[slot] else pcm[i], text=self._piece(text_tokens[i]))
+            self._table[slot].steps += 1
+            results[slot] = LiveFrame(audio=None if slot in joining else pcm[i], text=self._piece(text_tokens[i]))
         return results
 
     def _piece(self, token: int) -> str:
