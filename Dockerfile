@@ -4,18 +4,29 @@
 #   celery -A workers worker -Q moshi.lm,moshi.codec -P threads -c 8 -n gpu0@%h   a GPU worker (batches dialogue jobs)
 # The base image brings a CUDA build of PyTorch (inside the range pyproject.toml accepts),
 # so installing the project adds no second torch.
-FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+ARG BASE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
+# The wheel users install, built as tests/test_wheel.py builds and checks it.
+FROM ${BASE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY moshi_core moshi_core
+COPY api api
+COPY workers workers
+COPY ui ui
+RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+
+FROM ${BASE}
 # g++: the CPU kernels (moshi_core/kernels/csrc/), built into the image below; CUDA runs without them.
 # ffmpeg: Gradio encodes the TTS tab's streamed audio with it.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ ffmpeg && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY moshi_core moshi_core
-COPY api api
-COPY workers workers
-RUN pip install --no-cache-dir ".[app]" && moshi-core build-kernels
+# Only the wheel comes over, no sources: they would shadow the installed package for app.py,
+# and the kernels below are built from what the wheel holds.
+COPY --from=wheel /wheels /tmp/wheels
+RUN pip install --no-cache-dir "$(echo /tmp/wheels/moshi_core-*.whl)[app]" && rm -rf /tmp/wheels \
+    && moshi-core build-kernels
 COPY app.py .
 
 # Weights (HF cache) and jobs live on volumes shared by the API and the workers.

@@ -62,5 +62,12 @@ test: setup-test
 bench: setup-test
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+# The wheel users install (dist/), as the Dockerfile and a Space build it. A stale build/
+# would slip files the package data misses into it, so it goes first.
+.PHONY: wheel
+wheel: $(VENV)/.base
+	rm -rf build dist/moshi_core-*.whl
+	$(PIP) wheel --no-deps -w dist .
+
 clean:
 	rm -rf $(VENV) .pytest_cache
