@@ -1,6 +1,7 @@
 # The two commands of the README's quick start:
 #   make run    set up a virtualenv and start the app (http://127.0.0.1:7860)
 #   make test   set up a virtualenv with the test oracle and run the whole suite
+#   make test-fast  the same set-up, then the suite without its end-to-end tests (`-m "not e2e"`)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ TORCH ?= torch==2.13.0
 # The reference implementation: a test oracle only, never a runtime dependency.
 REFERENCE ?= moshi==0.2.13
 
-.PHONY: run test bench setup setup-test system-deps clean
+.PHONY: run test test-fast wheel bench setup setup-test system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,13 +59,15 @@ run: setup
 test: setup-test
 	$(PY) -m pytest -q
 
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not e2e"
+
 # One table, ours beside the reference; `make bench BENCH_ARGS=--quick` skips the full 7B.
 bench: setup-test
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # The wheel users install (dist/), as the Dockerfile and a Space build it. A stale build/
 # would slip files the package data misses into it, so it goes first.
-.PHONY: wheel
 wheel: $(VENV)/.base
 	rm -rf build dist/moshi_core-*.whl
 	$(PIP) wheel --no-deps -w dist .

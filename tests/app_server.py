@@ -16,7 +16,6 @@ from servers import free_port
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
-
 @contextlib.contextmanager
 def serve_app(mimi_checkpoint: Path, tiny_moshi: Path, **env: str) -> Iterator[str]:
     """`python app.py` on the tiny checkpoint (float32, CPU, offline); yields its base URL."""
@@ -25,25 +24,24 @@ def serve_app(mimi_checkpoint: Path, tiny_moshi: Path, **env: str) -> Iterator[s
            "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
            "MOSHI_STORAGE_DIR": tempfile.mkdtemp(prefix="moshi-jobs-"), **env}
     # A file, not a pipe: nobody reads the output while the app runs, and a full pipe would stall it.
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_DIR, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_DIR, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    log.seek(0)
+                    pytest.fail(f"app did not start:\n{log.read()}")
+                time.sleep(0.5)
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
-                assert response.status == 200
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.seek(0)
-                pytest.fail(f"app did not start:\n{log.read()}")
-            time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

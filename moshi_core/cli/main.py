@@ -1,4 +1,4 @@
-"""`moshi-core` command line: Mimi encode/decode and Moshi dialogue from files."""
+"""`moshi-core` command line: Mimi encode/decode, Moshi dialogue, speech to text and text to speech, on files."""
 
 import argparse
 import logging
@@ -7,14 +7,16 @@ import time
 from pathlib import Path
 
 from moshi_core.errors import MoshiError
-from moshi_core.loading.catalog import DEFAULT_LM_SOURCE
+from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, SUPPORTED_MODELS
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
+from moshi_core.params import SamplingParams
 
 MODEL_SOURCE_HELP = (
     "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
     "hf://OWNER/REPO/FILE URI, or a local file or folder; downloads honour HF_HOME, "
     "HF_HUB_OFFLINE and HF_TOKEN"
 )
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # the loader's, named here so --help needs no torch
 
 
 class ProgressPrinter:
@@ -65,7 +67,7 @@ def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: st
                         help=f"the {what} model: {MODEL_SOURCE_HELP} (default: %(default)s)")
     parser.add_argument("--revision", help="pin a Hub revision of --model")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
                         help="model weights and compute (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
@@ -73,18 +75,12 @@ def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: st
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-core",
-        description="Kyutai's Mimi codec (and, as they land, Moshi) from the command line.",
+        description="Kyutai's Mimi codec, Moshi, speech-to-text and text-to-speech from the command line.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    enc = sub.add_parser(
-        "encode", help="audio file(s) -> Mimi token file",
-        description=(
-            "Encode audio (wav, flac, ogg/opus, mp3; any rate and channel count, converted to "
-            "24 kHz mono) into Mimi codes at 12.5 frames per second, saved as a safetensors "
-            "token file. Several inputs are encoded as one batch into one file."
-        ),
-    )
+    # Each command's description is the docstring of the function that runs it.
+    enc = sub.add_parser("encode", help="audio file(s) -> Mimi token file", description=_encode.__doc__)
     enc.add_argument("audio", nargs="+", metavar="AUDIO", help="input audio file(s)")
     enc.add_argument("-o", "--output", required=True, metavar="TOKENS", help="token file to write (.safetensors)")
     enc.add_argument(
@@ -94,14 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
     _add_model_options(enc)
 
-    dec = sub.add_parser(
-        "decode", help="Mimi token file -> 24 kHz wav",
-        description=(
-            "Decode a token file written by `moshi-core encode` (or any file in that format) "
-            "back to 24 kHz mono 16-bit wav, trimmed to the source length. A batched file "
-            "gives one wav per item: OUT.0.wav, OUT.1.wav, ..."
-        ),
-    )
+    dec = sub.add_parser("decode", help="Mimi token file -> 24 kHz wav", description=_decode.__doc__)
     dec.add_argument("tokens", metavar="TOKENS", help="token file (.safetensors)")
     dec.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
     _add_model_options(dec)
@@ -114,40 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Build (or find in the cache) the C++ kernels a CPU step runs (moshi_core/kernels/csrc; "
                                "about a minute on two cores). Without them the portable PyTorch path runs.")
 
-    dia = sub.add_parser(
-        "dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
-        description=(
-            "Play the user's side of a conversation from a file to Moshi and record Moshi's side: "
-            "its voice (24 kHz wav, as long as the input), its inner-monologue text with word "
-            "timestamps (JSON), and a stereo file with the user left and Moshi right. Several "
-            "inputs run as one batch; outputs then get .0, .1, ... before their suffix."
-        ),
-    )
+    dia = sub.add_parser("dialogue", help="user audio file(s) -> Moshi's spoken answer, text and a stereo mix",
+                         description=_dialogue.__doc__)
     dia.add_argument("audio", nargs="+", metavar="AUDIO", help="the user's audio (wav, flac, ogg/opus, mp3)")
     dia.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="Moshi's voice")
     dia.add_argument("--text", metavar="OUT.json", help="Moshi's text with word timestamps")
     dia.add_argument("--stereo", metavar="OUT_STEREO.wav", help="user left, Moshi right")
     add_lm_options(dia, DEFAULT_LM_SOURCE, "Moshi")
     dia.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    defaults = "default: the model's lm_gen_config, else Kyutai's"
-    dia.add_argument("--temp-text", type=float, metavar="T", help=f"text temperature ({defaults}: 0.7)")
-    dia.add_argument("--temp-audio", type=float, metavar="T", help=f"audio temperature ({defaults}: 0.8)")
-    dia.add_argument("--top-k-text", type=int, metavar="K", help=f"text top-k ({defaults}: 25)")
-    dia.add_argument("--top-k-audio", type=int, metavar="K", help=f"audio top-k ({defaults}: 250)")
+    defaults, kyutai = "default: the model's lm_gen_config, else Kyutai's", SamplingParams()
+    dia.add_argument("--temp-text", type=float, metavar="T", help=f"text temperature ({defaults}: {kyutai.temp_text})")
+    dia.add_argument("--temp-audio", type=float, metavar="T", help=f"audio temperature ({defaults}: {kyutai.temp})")
+    dia.add_argument("--top-k-text", type=int, metavar="K", help=f"text top-k ({defaults}: {kyutai.top_k_text})")
+    dia.add_argument("--top-k-audio", type=int, metavar="K", help=f"audio top-k ({defaults}: {kyutai.top_k})")
     dia.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     dia.add_argument("--max-seconds", type=float, help="refuse inputs longer than this")
 
-    from moshi_core.loading.catalog import DEFAULT_STT_SOURCE
-
-    stt = sub.add_parser(
-        "transcribe", help="speech file(s) -> text with word timestamps (Kyutai's STT models)",
-        description=(
-            "Transcribe speech with Kyutai's speech-to-text models (English and French with the "
-            "default). Words are printed on stderr as they are recognised; the transcript goes to "
-            "stdout or -o, as JSON (text and timed words), plain text, SubRip or WebVTT. Several "
-            "inputs run as one batch; -o then gets .0, .1, ... before its suffix."
-        ),
-    )
+    stt = sub.add_parser("transcribe", help="speech file(s) -> text with word timestamps (Kyutai's STT models)",
+                         description=_transcribe.__doc__)
     stt.add_argument("audio", nargs="+", metavar="AUDIO", help="speech (wav, flac, ogg/opus, mp3; any rate)")
     stt.add_argument("-o", "--output", metavar="OUT", help="transcript file (default: stdout)")
     stt.add_argument("-f", "--format", default="json", choices=["json", "text", "srt", "vtt"],
@@ -169,6 +142,9 @@ def _load_mimi(args: argparse.Namespace):
 
 
 def _encode(args: argparse.Namespace) -> None:
+    """Encode audio (wav, flac, ogg/opus, mp3; any rate and channel count, converted to
+    24 kHz mono) into Mimi codes at 12.5 frames per second, saved as a safetensors
+    token file. Several inputs are encoded as one batch into one file."""
     from moshi_core.formats.tokens import save_tokens
     from moshi_core.inference.codec import encode_audio, load_batch
 
@@ -186,6 +162,9 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _decode(args: argparse.Namespace) -> None:
+    """Decode a token file written by `moshi-core encode` (or any file in that format)
+    back to 24 kHz mono 16-bit wav, trimmed to the source length. A batched file
+    gives one wav per item: OUT.0.wav, OUT.1.wav, ..."""
     from moshi_core.formats.audio import write_wav
     from moshi_core.formats.tokens import load_tokens
     from moshi_core.inference.codec import decode_tokens
@@ -207,22 +186,25 @@ def _numbered(path: str, index: int, batched: bool) -> Path:
 
 
 def _dialogue(args: argparse.Namespace) -> None:
+    """Play the user's side of a conversation from a file to Moshi and record Moshi's side:
+    its voice (24 kHz wav, as long as the input), its inner-monologue text with word
+    timestamps (JSON), and a stereo file with the user left and Moshi right. Several
+    inputs run as one batch; outputs then get .0, .1, ... before their suffix."""
     import json
 
     from moshi_core.formats.audio import atomic_write_bytes, write_wav
     from moshi_core.inference.codec import load_batch, resolve_device
     from moshi_core.inference.dialogue import run_dialogue
     from moshi_core.loading.registry import load_moshi, parse_dtype
-    from moshi_core.params import SamplingParams
+    from moshi_core.params import SamplingOverrides
 
-    given = {"temp_text": args.temp_text, "top_k_text": args.top_k_text, "temp": args.temp_audio,
-             "top_k": args.top_k_audio, "use_sampling": False if args.greedy else None}
-    overrides = {k: v for k, v in given.items() if v is not None}
-    SamplingParams(**overrides)  # check the values before loading anything
+    # Checks the values before anything loads.
+    overrides = SamplingOverrides(temp_text=args.temp_text, top_k_text=args.top_k_text, temp_audio=args.temp_audio,
+                                  top_k_audio=args.top_k_audio, greedy=args.greedy)
     wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
     models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
                         revision=args.revision)
-    sampling = SamplingParams.from_config({**models.generation_defaults, **overrides})
+    sampling = overrides.resolve(models.generation_defaults)
     progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
     batched = len(wavs) > 1
     results = run_dialogue(models, wavs if batched else wavs[0], sampling=sampling, seed=args.seed,
@@ -238,6 +220,10 @@ def _dialogue(args: argparse.Namespace) -> None:
 
 
 def _transcribe(args: argparse.Namespace) -> None:
+    """Transcribe speech with Kyutai's speech-to-text models (English and French with the
+    default). Words are printed on stderr as they are recognised; the transcript goes to
+    stdout or -o, as JSON (text and timed words), plain text, SubRip or WebVTT. Several
+    inputs run as one batch; -o then gets .0, .1, ... before its suffix."""
     from moshi_core.formats.audio import atomic_write_bytes
     from moshi_core.formats.subtitles import format_transcript
     from moshi_core.inference.codec import load_batch, resolve_device
@@ -264,8 +250,6 @@ def _transcribe(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, SUPPORTED_MODELS
-
     for repo, what in SUPPORTED_MODELS.items():
         print(f"{repo:32s} {what}{'  [default]' if repo == DEFAULT_LM_SOURCE else ''}")
 

@@ -6,22 +6,16 @@ import sys
 from pathlib import Path
 
 from moshi_core.errors import InvalidParameterError
+from moshi_core.loading.catalog import DEFAULT_TTS_SOURCE, DEFAULT_VOICE, DEFAULT_VOICE_REPO
+from moshi_core.params import TTSParams
 
 MAX_TEXT_CHARS = 100_000  # about an hour of speech; refuse pasted-in novels with a message
 
 
 def add_tts_parser(sub, add_lm_options) -> None:
-    from moshi_core.loading.catalog import DEFAULT_TTS_SOURCE, DEFAULT_VOICE, DEFAULT_VOICE_REPO
-
-    tts = sub.add_parser(
-        "tts", help="text -> speech (Kyutai's TTS model), with word timestamps",
-        description=(
-            "Say a text with Kyutai's text-to-speech model (English and French with the default) "
-            "in one of the voices of a voice repo. Writes 24 kHz mono wav; --words writes the "
-            "words with their start and end times (JSON). <break time=\"1s\"/> in the text "
-            "inserts a pause."
-        ),
-    )
+    defaults = TTSParams()
+    tts = sub.add_parser("tts", help="text -> speech (Kyutai's TTS model), with word timestamps",
+                         description=run_tts.__doc__)
     tts.add_argument("text", nargs="?", metavar="TEXT", help="the text to say; - reads it from stdin")
     tts.add_argument("--text-file", metavar="FILE", help="read the text from this UTF-8 file instead")
     tts.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="wav file to write")
@@ -33,8 +27,8 @@ def add_tts_parser(sub, add_lm_options) -> None:
                      help="the voice repo: a Hub repo id or a local folder laid out like it (default: %(default)s)")
     add_lm_options(tts, DEFAULT_TTS_SOURCE, "TTS")
     tts.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    tts.add_argument("--temp", type=float, default=0.6, help="sampling temperature (default: %(default)s)")
-    tts.add_argument("--cfg", type=float, default=2.0, metavar="COEF",
+    tts.add_argument("--temp", type=float, default=defaults.temp, help="sampling temperature (default: %(default)s)")
+    tts.add_argument("--cfg", type=float, default=defaults.cfg_coef, metavar="COEF",
                      help="guidance strength the model was distilled with, 1.0 to 4.0 by 0.5 (default: %(default)s)")
 
 
@@ -61,12 +55,15 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def run_tts(args: argparse.Namespace) -> None:
+    """Say a text with Kyutai's text-to-speech model (English and French with the default)
+    in one of the voices of a voice repo. Writes 24 kHz mono wav; --words writes the
+    words with their start and end times (JSON). <break time="1s"/> in the text
+    inserts a pause."""
     from moshi_core.formats.audio import atomic_write_bytes, write_wav
     from moshi_core.inference.codec import resolve_device
     from moshi_core.inference.tts import TTSRequest, load_tts, synthesize
     from moshi_core.loading.registry import parse_dtype
     from moshi_core.loading.tts_info import describe_tts
-    from moshi_core.params import TTSParams
 
     text = read_text(args)
     params = TTSParams(temp=args.temp, cfg_coef=args.cfg, seed=args.seed)
