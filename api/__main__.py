@@ -6,25 +6,33 @@ it runs them itself on threads. `python app.py` serves the same API beside the w
 
 import argparse
 import logging
-import os
+import sys
 
 import uvicorn
 
 from moshi_core.errors import MoshiError
+from workers.errors import SettingsError
+from workers.settings import Settings
 
 from .app import create_api
 
+DEFAULT_PORT = 8000
+
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(str(exc))  # one line on stderr, exit status 1
     parser = argparse.ArgumentParser(prog="python -m api", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+    parser.add_argument("--host", default=settings.host,
                         help="interface to listen on; 0.0.0.0 for all (env HOST; default: %(default)s)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)),
+    parser.add_argument("--port", type=int, default=settings.port or DEFAULT_PORT,
                         help="port (env PORT; default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        app = create_api()
+        app = create_api(settings)
     except MoshiError as exc:
         parser.error(str(exc))
     # Open streams (a Gradio client, a websocket) must not keep a stopping server up forever.

@@ -4,13 +4,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.errors import UploadTooLargeError
 from workers.jobs import JobStore
-from workers.models import ModelCache
 from workers.queue import make_queue
 from workers.settings import Settings
 
@@ -19,6 +19,9 @@ from .routes import router
 from .service import JobService
 from .speech import router as speech_router
 from .transcription import router as transcription_router
+
+if TYPE_CHECKING:  # only the in-process queue loads models (make_queue imports them then)
+    from workers.models import ModelCache
 
 log = logging.getLogger("moshi.api")
 
@@ -73,7 +76,7 @@ async def _purge_forever(store: JobStore, ttl: float) -> None:
         await asyncio.sleep(min(ttl / 4, 600))
 
 
-def create_api(settings: Settings | None = None, models: ModelCache | None = None, **fastapi_options) -> FastAPI:
+def create_api(settings: Settings | None = None, models: "ModelCache | None" = None, **fastapi_options) -> FastAPI:
     """The REST API as an app of its own; the web app (app.py) adds the UI to it.
 
     `models`: the process's loaded models, shared with the in-process queue (no REDIS_URL)

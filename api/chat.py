@@ -1,4 +1,4 @@
-"""`/api/chat`: live conversation over a websocket, in Kyutai's protocol (reference section 8).
+"""`/api/chat`: live conversation over a websocket, in the protocol of Kyutai's servers (docs/api.md).
 
 Every message is binary, its first byte the kind:
 

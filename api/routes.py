@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
 from fastapi.responses import FileResponse, PlainTextResponse
 
+from moshi_core.params import SamplingOverrides
 from workers.errors import QueueUnavailableError, UploadTooLargeError
 from workers.jobs import Job, JobKind, owner_of
 
@@ -84,10 +85,10 @@ def submit_dialogue(
 ) -> JobOut:
     name = upload_name(file, "audio")
     files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name, max_seconds)
-    asked = {"model": model, "seed": seed, "temp_text": temp_text, "top_k_text": top_k_text,
-             "temp_audio": temp_audio, "top_k_audio": top_k_audio, "greedy": greedy, "max_seconds": max_seconds}
-    submission = jobs.submit(JobKind.DIALOGUE, owner, jobs.dialogue_params(asked), files, name,
-                             idempotency_key, fingerprint_params=asked)
+    sampling = SamplingOverrides(temp_text=temp_text, top_k_text=top_k_text, temp_audio=temp_audio,
+                                 top_k_audio=top_k_audio, greedy=greedy)
+    params, asked = jobs.dialogue_params(model, seed, sampling, max_seconds)
+    submission = jobs.submit(JobKind.DIALOGUE, owner, params, files, name, idempotency_key, fingerprint_params=asked)
     return accepted(jobs, submission.job, response, submission.replayed)
 
 

@@ -16,10 +16,9 @@ from moshi_core.errors import InvalidTokenFileError
 from moshi_core.formats.audio import load_audio, wav_bytes
 from moshi_core.formats.pcm import SAMPLE_RATE
 from moshi_core.formats.tokens import load_tokens
+from moshi_core.params import SamplingOverrides
 from workers.errors import JobNotReadyError, JobTimeoutError
-from workers.jobs import PRIMARY_ARTIFACT, Job, JobKind, JobState, JobStore, new_job_id
-from workers.models import check_model
-from workers.pipelines import AUDIO_INPUT, TOKENS_INPUT
+from workers.jobs import AUDIO_INPUT, PRIMARY_ARTIFACT, TOKENS_INPUT, Job, JobKind, JobState, JobStore, new_job_id
 from workers.queue import JobQueue
 from workers.settings import Settings
 
@@ -61,12 +60,15 @@ class JobService:
             )
         return {TOKENS_INPUT: data}
 
-    def dialogue_params(self, params: dict) -> dict:
-        params = dict(params, model=check_model(self.settings, params.get("model")))
-        if params.get("seed") is None:
-            # Chosen now and kept, so the job is reproducible and a redelivered job gives the same answer.
-            params["seed"] = secrets.randbelow(2**31)
-        return params
+    def dialogue_params(self, model: str | None, seed: int | None, sampling: SamplingOverrides,
+                        max_seconds: float | None) -> tuple[dict, dict]:
+        """A dialogue job's record (the overrides' fields flat beside model, seed and max_seconds),
+        and what was asked: its idempotency fingerprint, from before the server chose a seed or a model."""
+        asked = {"model": model, "seed": seed, **sampling.to_dict(), "max_seconds": max_seconds}
+        # The seed is chosen now and kept, so the job is reproducible and a redelivered job gives the same answer.
+        record = dict(asked, model=self.settings.check_model(model),
+                      seed=secrets.randbelow(2**31) if seed is None else seed)
+        return record, asked
 
     # Jobs.
 

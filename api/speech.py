@@ -22,8 +22,7 @@ from moshi_core.loading.catalog import DEFAULT_VOICE
 from moshi_core.loading.tts_info import TTSInfo, describe_tts
 from moshi_core.params import TTSParams
 from workers.errors import UnknownModelError
-from workers.jobs import Job, JobKind, JobState
-from workers.pipelines import TEXT_INPUT, TTS_STREAM
+from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, JobState
 
 from .errors import error_response
 from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted
@@ -35,14 +34,16 @@ MAX_JOB_CHARS = 50_000
 MAX_OPENAI_CHARS = 4096  # OpenAI's own limit for `input`
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as names of the server's model
 POLL_SECONDS = 0.02
+DEFAULTS = TTSParams()  # Kyutai's, for requests that leave a setting out
 
 
 class TTSIn(BaseModel):
     text: str = Field(min_length=1, max_length=MAX_JOB_CHARS, description='What to say; <break time="1s"/> pauses')
     voice: str | None = Field(None, description=f"A voice of GET /v1/voices (default: {DEFAULT_VOICE})")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Fixes the sampling (default: random, reported)")
-    temperature: float = Field(0.6, ge=0, le=2, description="Sampling temperature (0: greedy)")
-    cfg_coef: float = Field(2.0, ge=1, le=4, description="Guidance the model was distilled with: 1.0 to 4.0 by 0.5")
+    temperature: float = Field(DEFAULTS.temp, ge=0, le=2, description="Sampling temperature (0: greedy)")
+    cfg_coef: float = Field(DEFAULTS.cfg_coef, ge=1, le=4,
+                            description="Guidance the model was distilled with: 1.0 to 4.0 by 0.5")
 
 
 class SpeechIn(BaseModel):
@@ -76,21 +77,20 @@ def _check_model(jobs: JobService, model: str | None) -> str:
     return served
 
 
-async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, seed: int | None,
-                   temperature: float, cfg_coef: float, idempotency_key: str | None = None):
+async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, asked: TTSParams,
+                   idempotency_key: str | None = None):
     s = jobs.settings
     text = " ".join(text.split())
     if not text:
         raise InvalidParameterError("the text is empty")
     voice = voice or DEFAULT_VOICE
-    TTSParams(temp=temperature, cfg_coef=cfg_coef)  # bounds, before anything is queued
     # Refused now, not by the worker once the answer has started.
     info = await asyncio.to_thread(_info, s.tts_model, s.tts_voices)
-    info.check_cfg(cfg_coef)
+    info.check_cfg(asked.cfg_coef)
     await asyncio.to_thread(info.voices.path, voice)
-    params = {"model": s.tts_model, "voice": voice, "temp": temperature, "cfg_coef": cfg_coef,
-              "seed": secrets.randbelow(2**31) if seed is None else seed}
-    fingerprint = dict(params, seed=seed)
+    params = {"model": s.tts_model, "voice": voice, "temp": asked.temp, "cfg_coef": asked.cfg_coef,
+              "seed": secrets.randbelow(2**31) if asked.seed is None else asked.seed}
+    fingerprint = dict(params, seed=asked.seed)  # a retry without a seed is the same request
     return jobs.submit(JobKind.TTS, owner, params, {TEXT_INPUT: text.encode()}, "speech", idempotency_key,
                        fingerprint_params=fingerprint)
 
@@ -99,8 +99,8 @@ async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, s
              summary="Text -> speech as a job (artifacts: audio.wav, transcript.json with word times)")
 async def submit_tts(jobs: Service, owner: Caller, response: Response, body: Annotated[TTSIn, Body()],
                      idempotency_key: IdempotencyKey = None) -> JobOut:
-    submission = await _tts_job(jobs, owner, body.text, body.voice, body.seed, body.temperature, body.cfg_coef,
-                                idempotency_key)
+    asked = TTSParams(temp=body.temperature, cfg_coef=body.cfg_coef, seed=body.seed)
+    submission = await _tts_job(jobs, owner, body.text, body.voice, asked, idempotency_key)
     return accepted(jobs, submission.job, response, submission.replayed)
 
 
@@ -115,7 +115,7 @@ async def openai_speech(jobs: Service, owner: Caller, body: Annotated[SpeechIn, 
         raise InvalidParameterError("speed is not adjustable with this model: leave it at 1.0")
     if body.stream_format != "audio":
         raise InvalidParameterError("stream_format 'sse' is not offered: the audio itself is streamed")
-    job = (await _tts_job(jobs, owner, body.input, body.voice, None, 0.6, 2.0)).job
+    job = (await _tts_job(jobs, owner, body.input, body.voice, DEFAULTS)).job
     encoder = StreamEncoder(body.response_format)
     # Hold the answer until the first audio (or the job's end): a failure before any audio
     # still gets a proper error status.

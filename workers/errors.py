@@ -1,6 +1,6 @@
 """Errors of the job machinery; `api/errors.py` maps them (and the core's) to HTTP codes."""
 
-from moshi_core.errors import MoshiError
+from moshi_core.errors import InvalidParameterError, MoshiError
 
 
 class JobNotFoundError(MoshiError):
@@ -33,3 +33,7 @@ class UploadTooLargeError(MoshiError):
 
 class JobTimeoutError(MoshiError):
     """A synchronous request whose job did not finish in time (the job goes on)."""
+
+
+class SettingsError(InvalidParameterError):
+    """A bad environment variable, found at start; its message is one line for stderr."""

@@ -46,6 +46,20 @@ class JobState(str, enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+# Celery queues, by cost: a worker can serve one or both.
+HEAVY_QUEUE = "moshi.lm"  # Moshi, STT and TTS: seconds to minutes of a big model
+LIGHT_QUEUE = "moshi.codec"  # Mimi encode/decode: short
+QUEUE_OF = {
+    JobKind.DIALOGUE: HEAVY_QUEUE, JobKind.TRANSCRIBE: HEAVY_QUEUE, JobKind.TTS: HEAVY_QUEUE,
+    JobKind.ENCODE: LIGHT_QUEUE, JobKind.DECODE: LIGHT_QUEUE,
+}
+
+# The files of a job's folder that the API writes and the pipelines read.
+AUDIO_INPUT = "input.wav"  # the upload, decoded to 24 kHz mono float32 by the API
+TOKENS_INPUT = "input.safetensors"  # a token file the API has read and checked
+TEXT_INPUT = "input.txt"  # the text of a TTS job (UTF-8), never sent through the broker
+TTS_STREAM = "audio.pcm"  # a TTS job's audio as it is made (s16le, 24 kHz mono), read by /v1/audio/speech
+
 # The file each kind answers `GET /v1/jobs/{id}/result` with, and the content type of each artifact.
 PRIMARY_ARTIFACT = {
     JobKind.DIALOGUE: "audio.wav", JobKind.ENCODE: "tokens.safetensors", JobKind.DECODE: "audio.wav",

@@ -8,32 +8,22 @@ process start-up short (its pool kills children that take more than a few second
 import threading
 
 from moshi_core.inference.codec import resolve_device
-from moshi_core.inference.dialogue import DialogueEngine
 from moshi_core.inference.stt import load_stt
 from moshi_core.inference.tts import TTSModel, load_tts
+from moshi_core.kernels.build import set_enabled
 from moshi_core.loading.checkpoints import load_mimi
 from moshi_core.loading.registry import MoshiModels, load_moshi, parse_dtype
 from moshi_core.models.mimi import MimiModel
 
-from .errors import UnknownModelError
+from .dialogue_engine import DialogueEngine
 from .settings import Settings
-
-
-def check_model(settings: Settings, model: str | None) -> str:
-    """The Moshi model a job will use: the one it names, if this server serves it."""
-    if model is None or model == "":
-        return settings.default_model
-    if model not in settings.models:
-        served = ", ".join(settings.models)
-        raise UnknownModelError(
-            f"unknown model {model!r}: this server serves {served} (an operator adds more with MOSHI_MODELS)"
-        )
-    return model
 
 
 class ModelCache:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The process that loads models is the one whose kernels the settings choose.
+        set_enabled(settings.cpu_kernels)
         self._lock = threading.Lock()
         self._mimi: MimiModel | None = None
         self._moshi: dict[str, MoshiModels] = {}
@@ -52,7 +42,7 @@ class ModelCache:
             if self._stt is None:
                 self._stt = load_stt(
                     self.settings.stt_model, device=resolve_device(self.settings.device),
-                    dtype=parse_dtype(self.settings.dtype),
+                    dtype=parse_dtype(self.settings.dtype), gpu_step=self.settings.gpu_step,
                 )
             return self._stt
 
@@ -66,17 +56,18 @@ class ModelCache:
             return self._tts
 
     def moshi(self, model: str) -> MoshiModels:
-        model = check_model(self.settings, model)
+        model = self.settings.check_model(model)
         with self._lock:
             if model not in self._moshi:
                 self._moshi[model] = load_moshi(
-                    model, device=resolve_device(self.settings.device), dtype=parse_dtype(self.settings.dtype)
+                    model, device=resolve_device(self.settings.device), dtype=parse_dtype(self.settings.dtype),
+                    gpu_step=self.settings.gpu_step,
                 )
             return self._moshi[model]
 
     def dialogue(self, model: str) -> DialogueEngine:
         """The engine that batches every dialogue job of this process on `model`."""
-        model = check_model(self.settings, model)
+        model = self.settings.check_model(model)
         moshi = self.moshi(model)
         with self._lock:
             if model not in self._dialogue:

@@ -8,6 +8,7 @@ worker died) leaves one complete set of files.
 
 import json
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -19,18 +20,13 @@ from moshi_core.formats.tokens import MimiTokens, load_tokens, save_tokens
 from moshi_core.inference.codec import decode_tokens, encode_audio
 from moshi_core.inference.stt import Transcriber
 from moshi_core.inference.tts import TTSRequest, TTSSession
-from moshi_core.params import SamplingParams, TTSParams
+from moshi_core.params import SamplingOverrides, TTSParams
 
-from .jobs import Job, JobKind
+from .jobs import AUDIO_INPUT, TEXT_INPUT, TOKENS_INPUT, TTS_STREAM, Job, JobKind
 from .models import ModelCache
 
 Progress = Callable[[int, int], None]
 Pipeline = Callable[[Job, Path, ModelCache, Progress], list[str]]
-
-AUDIO_INPUT = "input.wav"  # the upload, decoded to 24 kHz mono float32 by the API
-TOKENS_INPUT = "input.safetensors"  # a token file the API has read and checked
-TEXT_INPUT = "input.txt"  # the text of a TTS job (UTF-8), never sent through the broker
-TTS_STREAM = "audio.pcm"  # a TTS job's audio as it is made (s16le, 24 kHz mono), read by /v1/audio/speech
 
 
 def encode(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
@@ -49,14 +45,9 @@ def decode(job: Job, folder: Path, models: ModelCache, progress: Progress) -> li
 def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
     p = job.params
     moshi = models.moshi(p["model"])
-    defaults = SamplingParams.from_config(moshi.generation_defaults)
-    sampling = SamplingParams(
-        temp_text=_given(p["temp_text"], defaults.temp_text),
-        top_k_text=_given(p["top_k_text"], defaults.top_k_text),
-        temp=_given(p["temp_audio"], defaults.temp),
-        top_k=_given(p["top_k_audio"], defaults.top_k),
-        use_sampling=not p["greedy"],
-    )
+    # The job's record holds the overrides' fields flat, beside model, seed and max_seconds.
+    overrides = SamplingOverrides(**{f.name: p[f.name] for f in fields(SamplingOverrides)})
+    sampling = overrides.resolve(moshi.generation_defaults)
     # Batched with the other dialogue jobs this process runs at the same time (same answer as alone).
     engine = models.dialogue(p["model"])
     result = engine.run(load_audio(folder / AUDIO_INPUT), sampling=sampling, seed=p["seed"], progress=progress)
@@ -100,10 +91,6 @@ def tts(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[
                   "voice": p["voice"], "seed": p["seed"]}
     atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
     return ["audio.wav", "transcript.json"]
-
-
-def _given(value, default):
-    return default if value is None else value
 
 
 PIPELINES: dict[JobKind, Pipeline] = {

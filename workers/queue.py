@@ -1,30 +1,17 @@
-"""Where the API puts jobs: Celery on Redis, or threads in the same process.
+"""Where the API puts jobs: Celery on Redis, or threads in the same process (`local_queue`).
 
-Both run `execute_job` on the same records, so the only difference is who runs it. The
-in-process queue is what `make run` uses on a machine with nothing else installed: one
-thread for Moshi jobs and one for codec jobs (so a long dialogue does not hold up a
-200 ms encode), and on start it takes back the jobs a previous run left unfinished.
+Both run `execute_job` on the same records, so the only difference is who runs it. With
+REDIS_URL set the API only queues: nothing here loads, or imports, a model.
 """
 
-import logging
-import queue
-import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import QueueUnavailableError
-from .jobs import Job, JobKind, JobState, JobStore
-from .models import ModelCache
-from .runner import execute_job
+from .jobs import HEAVY_QUEUE, LIGHT_QUEUE, QUEUE_OF, Job, JobStore
 from .settings import Settings
 
-log = logging.getLogger("moshi.workers")
-
-HEAVY_QUEUE = "moshi.lm"  # Moshi dialogue: seconds to minutes of a big model
-LIGHT_QUEUE = "moshi.codec"  # Mimi encode/decode: short
-QUEUE_OF = {
-    JobKind.DIALOGUE: HEAVY_QUEUE, JobKind.TRANSCRIBE: HEAVY_QUEUE, JobKind.TTS: HEAVY_QUEUE,
-    JobKind.ENCODE: LIGHT_QUEUE, JobKind.DECODE: LIGHT_QUEUE,
-}
+if TYPE_CHECKING:  # the models are imported only where jobs run, never by an API that only queues them
+    from .models import ModelCache
 
 
 class JobQueue(Protocol):
@@ -45,50 +32,6 @@ class JobQueue(Protocol):
     def close(self) -> None: ...
 
 
-class LocalQueue:
-    name = "in-process"
-
-    def __init__(self, store: JobStore, models: ModelCache) -> None:
-        self.store, self.models = store, models
-        self._queues = {name: queue.Queue() for name in (HEAVY_QUEUE, LIGHT_QUEUE)}
-        counts = {HEAVY_QUEUE: models.settings.dialogue_slots, LIGHT_QUEUE: 1}
-        self._lanes = [  # (queue, one of the threads taking from it)
-            (self._queues[name], threading.Thread(target=self._work, args=(self._queues[name],),
-                                                  name=f"worker {name} {i}", daemon=True))
-            for name, count in counts.items() for i in range(count)
-        ]
-        self._threads = [thread for _, thread in self._lanes]
-        for thread in self._threads:
-            thread.start()
-        for job in sorted(store.all(), key=lambda j: j.created_at):
-            if job.state in (JobState.QUEUED, JobState.RUNNING):
-                self.submit(job)
-
-    def _work(self, jobs: queue.Queue) -> None:
-        while (job_id := jobs.get()) is not None:
-            try:
-                execute_job(job_id, self.store, self.models)
-            except Exception:  # execute_job records job failures itself; this is a store failure
-                log.exception("job %s could not be run", job_id)
-
-    def submit(self, job: Job) -> None:
-        self._queues[QUEUE_OF[job.kind]].put(job.id)
-
-    def check(self) -> None:
-        if not all(t.is_alive() for t in self._threads):
-            raise QueueUnavailableError("the in-process workers have stopped: restart the server")
-
-    def depth(self) -> dict[str, int]:
-        return {name: q.qsize() for name, q in self._queues.items()}
-
-    def workers(self) -> list[str]:
-        return [t.name for t in self._threads if t.is_alive()]
-
-    def close(self) -> None:
-        for jobs, _ in self._lanes:  # one stop mark per thread
-            jobs.put(None)
-
-
 class CeleryQueue:
     name = "celery"
 
@@ -96,7 +39,7 @@ class CeleryQueue:
         import redis
         from kombu.exceptions import OperationalError
 
-        from .celery_app import make_celery
+        from .celery_config import make_celery
 
         self.url = settings.redis_url
         self.app = make_celery(settings)
@@ -146,8 +89,11 @@ class CeleryQueue:
         self.redis.close()
 
 
-def make_queue(settings: Settings, store: JobStore, models: ModelCache | None = None) -> JobQueue:
+def make_queue(settings: Settings, store: JobStore, models: "ModelCache | None" = None) -> JobQueue:
     """Celery when REDIS_URL is set; else threads sharing `models` with the rest of the process."""
     if settings.redis_url:
         return CeleryQueue(settings)
+    from .local_queue import LocalQueue
+    from .models import ModelCache
+
     return LocalQueue(store, models or ModelCache(settings))

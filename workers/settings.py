@@ -1,17 +1,27 @@
-"""Serving settings, read from the environment by the API and the workers alike.
+"""Serving settings, read once from the environment by the app, the API and the workers.
 
 Both sides must agree on the storage directory, the queue and the models; reading one
-`Settings` from the same variables is how they do.
+`Settings` from the same variables is how they do. `VARIABLES` describes each variable
+once: `Settings.from_env` parses and checks by it, and `render_table` writes the table of
+docs/configuration.md from it. A bad value stops the process at start, not a job later.
 """
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from moshi_core.errors import InvalidParameterError
-from moshi_core.loading.catalog import DEFAULT_LM_SOURCE
+from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE, DEFAULT_VOICE_REPO
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
+
+from .errors import SettingsError, UnknownModelError
+
+if TYPE_CHECKING:  # the registry imports the models: too heavy for the API process
+    from moshi_core.loading.registry import GpuStep
+
+DTYPES = ("bfloat16", "float16", "float32")  # the keys of moshi_core.loading.registry.DTYPES
 
 
 def _default_storage() -> Path:
@@ -22,12 +32,12 @@ def _default_storage() -> Path:
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None  # None: the in-process queue
-    storage_dir: Path = Path("moshi-jobs")
+    storage_dir: Path = field(default_factory=_default_storage)
     models: tuple[str, ...] = (DEFAULT_LM_SOURCE,)  # the Moshi models jobs may name; the first is the default
     mimi: str = DEFAULT_MIMI_SOURCE
-    stt_model: str = "kyutai/stt-1b-en_fr"  # speech-to-text (transcription jobs, /v1/audio/transcriptions)
-    tts_model: str = "kyutai/tts-1.6b-en_fr"  # text-to-speech (TTS jobs, /v1/audio/speech)
-    tts_voices: str = "kyutai/tts-voices"  # where the TTS voice embeddings come from
+    stt_model: str = DEFAULT_STT_SOURCE  # speech-to-text (transcription jobs, /v1/audio/transcriptions)
+    tts_model: str = DEFAULT_TTS_SOURCE  # text-to-speech (TTS jobs, /v1/audio/speech)
+    tts_voices: str = DEFAULT_VOICE_REPO  # where the TTS voice embeddings come from
     device: str = "auto"
     dtype: str = "bfloat16"
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
@@ -45,48 +55,177 @@ class Settings:
     # Redis hands an unacknowledged job to another worker after this long: it must exceed the
     # longest job, or a slow job would run twice.
     visibility_timeout: float = 6 * 3600.0
+    live_slots: int = 0  # live conversations at once; 0: 4 on a GPU, 1 on the CPU
+    live_max_seconds: float = 300.0
+    cpu_kernels: bool = True
+    gpu_step: "GpuStep" = "eager"
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: each front door's own (7860 for the app, 8000 for `python -m api`)
 
     @property
     def default_model(self) -> str:
         return self.models[0]
 
+    def check_model(self, model: str | None) -> str:
+        """The Moshi model a job will use: the one it names, if this server serves it."""
+        if not model:
+            return self.default_model
+        if model not in self.models:
+            raise UnknownModelError(f"unknown model {model!r}: this server serves {', '.join(self.models)} "
+                                    "(an operator adds more with MOSHI_MODELS)")
+        return model
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
-        """The settings the README's configuration table documents."""
+        """The settings of docs/configuration.md; SettingsError (one line) on a bad value."""
+        given = {var.name: var.read(environ) for var in VARIABLES}  # None where unset
+        values = {var.field: given[var.name] for var in VARIABLES
+                  if var.field not in _COMBINED and given[var.name] is not None}
+        model = given["MOSHI_MODEL"] or DEFAULT_LM_SOURCE
+        values["models"] = tuple(dict.fromkeys([model, *(given["MOSHI_MODELS"] or ())]))
+        values["gpu_step"] = ("cuda-graphs" if given["MOSHI_CUDA_GRAPHS"] else
+                              "compile" if given["MOSHI_COMPILE"] else "eager")
+        if host := given["HOST"] or given["GRADIO_SERVER_NAME"]:
+            values["host"] = host
+        return cls(**values)
 
-        def number(name: str, default: float) -> float:
-            text = environ.get(name, "").strip()
-            if not text:
-                return default
-            try:
-                value = float(text)
-            except ValueError:
-                raise InvalidParameterError(f"{name} must be a number, got {text!r}") from None
-            if not value > 0:
-                raise InvalidParameterError(f"{name} must be positive, got {text!r}")
-            return value
 
-        model = environ.get("MOSHI_MODEL", "").strip() or DEFAULT_LM_SOURCE
-        extra = [m.strip() for m in environ.get("MOSHI_MODELS", "").split(",") if m.strip()]
-        models = tuple(dict.fromkeys([model, *extra]))
-        keys = frozenset(k.strip() for k in environ.get("MOSHI_API_KEYS", "").split(",") if k.strip())
-        return cls(
-            redis_url=environ.get("REDIS_URL", "").strip() or None,
-            storage_dir=Path(environ.get("MOSHI_STORAGE_DIR", "").strip() or _default_storage()),
-            models=models,
-            mimi=environ.get("MOSHI_MIMI", "").strip() or DEFAULT_MIMI_SOURCE,
-            stt_model=environ.get("MOSHI_STT_MODEL", "").strip() or cls.stt_model,
-            tts_model=environ.get("MOSHI_TTS_MODEL", "").strip() or cls.tts_model,
-            tts_voices=environ.get("MOSHI_TTS_VOICES", "").strip() or cls.tts_voices,
-            device=environ.get("MOSHI_DEVICE", "").strip() or "auto",
-            dtype=environ.get("MOSHI_DTYPE", "").strip() or "bfloat16",
-            api_keys=keys,
-            max_upload_bytes=int(number("MOSHI_MAX_UPLOAD_MB", 100) * 2**20),
-            max_audio_seconds=number("MOSHI_MAX_AUDIO_SECONDS", 600),
-            job_ttl_seconds=number("MOSHI_JOB_TTL_HOURS", 24) * 3600,
-            sync_max_seconds=number("MOSHI_SYNC_MAX_SECONDS", 120),
-            sync_timeout_seconds=number("MOSHI_SYNC_TIMEOUT_SECONDS", 600),
-            max_attempts=int(number("MOSHI_MAX_ATTEMPTS", 3)),
-            dialogue_slots=int(number("MOSHI_DIALOGUE_SLOTS", 4)),
-            visibility_timeout=number("MOSHI_VISIBILITY_TIMEOUT_HOURS", 6) * 3600,
-        )
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    field: str  # of Settings
+    default: str  # as the variable would be written; "" for none
+    meaning: str
+    allowed: str  # in words, for the docs and the error message
+    parse: Callable[[str], Any]  # the field's value from the variable's text; ValueError when bad
+
+    def read(self, environ: Mapping[str, str]) -> Any:
+        """The parsed value, or None when the variable is unset or blank."""
+        text = environ.get(self.name, "").strip()
+        if not text:
+            return None
+        try:
+            return self.parse(text)
+        except ValueError:
+            raise SettingsError(f"{self.name}={text!r} is not valid: use {self.allowed}") from None
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _url(text: str) -> str:
+    if "://" not in text:
+        raise ValueError(text)
+    return text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _choice(*values: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in values:
+            raise ValueError(text)
+        return text
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError(text)
+    return text
+
+
+def _positive(scale: float = 1.0, cast: Callable[[float], Any] = float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = float(text)
+        if not 0 < value < float("inf"):
+            raise ValueError(text)
+        return cast(value * scale)
+    return parse
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(text)
+        return value
+    return parse
+
+
+def _switch(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
+
+
+SOURCE = "a Hub repo id (optionally @revision), an hf:// URI or a local folder"
+POSITIVE = "a number > 0"
+SWITCH = "1 (on) or 0 (off)"
+VARIABLES = (
+    Variable("REDIS_URL", "redis_url", "", "Celery broker and result backend; unset: jobs run in the "
+             "serving process", "a URL such as redis://host:6379/0", _url),
+    Variable("MOSHI_STORAGE_DIR", "storage_dir", "~/.cache/moshi-core/jobs", "job inputs, results and records, "
+             "shared by the API and the workers (under $XDG_CACHE_HOME when set)", "a folder",
+             lambda text: Path(text).expanduser()),
+    Variable("MOSHI_MODEL", "models", DEFAULT_LM_SOURCE, "Moshi model for dialogue jobs and live conversation",
+             SOURCE, _text),
+    Variable("MOSHI_MODELS", "models", "", "more Moshi models jobs may name (MOSHI_MODEL stays the default)",
+             "comma-separated sources", _names),
+    Variable("MOSHI_MIMI", "mimi", DEFAULT_MIMI_SOURCE, "Mimi codec for encode and decode jobs", SOURCE, _text),
+    Variable("MOSHI_STT_MODEL", "stt_model", DEFAULT_STT_SOURCE, "speech-to-text model", SOURCE, _text),
+    Variable("MOSHI_TTS_MODEL", "tts_model", DEFAULT_TTS_SOURCE, "text-to-speech model", SOURCE, _text),
+    Variable("MOSHI_TTS_VOICES", "tts_voices", DEFAULT_VOICE_REPO, "where the TTS voices come from",
+             "a Hub repo id or a local folder", _text),
+    Variable("MOSHI_DEVICE", "device", "auto", "where models run; auto: CUDA when available",
+             "auto, cpu, cuda or cuda:N", _device),
+    Variable("MOSHI_DTYPE", "dtype", "bfloat16", "weights and compute of the language models",
+             ", ".join(DTYPES), _choice(*DTYPES)),
+    Variable("MOSHI_API_KEYS", "api_keys", "", "keys for `Authorization: Bearer`; unset: no authentication",
+             "comma-separated keys", lambda text: frozenset(_names(text))),
+    Variable("MOSHI_MAX_UPLOAD_MB", "max_upload_bytes", "100", "largest upload, in MB", POSITIVE,
+             _positive(2**20, int)),
+    Variable("MOSHI_MAX_AUDIO_SECONDS", "max_audio_seconds", "600", "longest audio accepted", POSITIVE,
+             _positive()),
+    Variable("MOSHI_JOB_TTL_HOURS", "job_ttl_seconds", "24", "jobs and their files are deleted this long after "
+             "they finish", POSITIVE, _positive(3600)),
+    Variable("MOSHI_SYNC_MAX_SECONDS", "sync_max_seconds", "120", "longest audio the synchronous OpenAI-style "
+             "endpoints take", POSITIVE, _positive()),
+    Variable("MOSHI_SYNC_TIMEOUT_SECONDS", "sync_timeout_seconds", "600", "how long the synchronous endpoints "
+             "wait for their job", POSITIVE, _positive()),
+    Variable("MOSHI_MAX_ATTEMPTS", "max_attempts", "3", "starts of a job before it is given up (a job that "
+             "kills its worker)", "an integer >= 1", _integer(1)),
+    Variable("MOSHI_DIALOGUE_SLOTS", "dialogue_slots", "4", "dialogue jobs a process steps together on one "
+             "model; the in-process queue runs this many Moshi jobs at once", "an integer >= 1", _integer(1)),
+    Variable("MOSHI_VISIBILITY_TIMEOUT_HOURS", "visibility_timeout", "6", "Redis hands an unacknowledged job "
+             "to another worker after this; longer than any job", POSITIVE, _positive(3600)),
+    Variable("MOSHI_LIVE_SLOTS", "live_slots", "0", "live conversations at once; 0: 4 on a GPU, 1 on the CPU",
+             "an integer >= 0", _integer(0)),
+    Variable("MOSHI_LIVE_MAX_SECONDS", "live_max_seconds", "300", "length limit of one live conversation",
+             POSITIVE, _positive()),
+    Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
+             "comparisons)", SWITCH, _switch),
+    Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,
+             _switch),
+    Variable("MOSHI_CUDA_GRAPHS", "gpu_step", "0", "the same in its CUDA-graph mode; wins over MOSHI_COMPILE",
+             SWITCH, _switch),
+    Variable("HOST", "host", "127.0.0.1", "interface the app and `python -m api` listen on; 0.0.0.0 for all",
+             "a host name or address", _text),
+    Variable("GRADIO_SERVER_NAME", "host", "", "the same, as a Hugging Face Space sets it; HOST wins",
+             "a host name or address", _text),
+    Variable("PORT", "port", "", "port to listen on; unset: 7860 for the app, 8000 for `python -m api`",
+             "an integer from 1 to 65535", _integer(1, 65535)),
+)
+_COMBINED = ("models", "gpu_step", "host")  # fields that several variables make together (see from_env)
+
+
+def render_table() -> str:
+    """The Markdown table of docs/configuration.md."""
+    rows = ["| variable | setting | default | meaning | allowed values |", "|---|---|---|---|---|"]
+    for var in VARIABLES:
+        default = f"`{var.default}`" if var.default else "unset"
+        rows.append(f"| `{var.name}` | `{var.field}` | {default} | {var.meaning} | {var.allowed} |")
+    return "\n".join(rows) + "\n"

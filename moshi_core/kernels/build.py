@@ -2,7 +2,8 @@
 extension, built with `torch.utils.cpp_extension` on first use and cached afterwards in
 `build_directory()` (about a minute on two cores: `moshi-core build-kernels` builds it ahead,
 as `make setup` and the Docker image do). Without a compiler or those instructions every
-caller takes its portable PyTorch path, and `MOSHI_CPU_KERNELS=0` turns them off.
+caller takes its portable PyTorch path, and `set_enabled(False)` turns them off (the front
+doors do, from `MOSHI_CPU_KERNELS=0` or a flag: the core reads no environment of its own).
 
 - `linear.cpp`: matrix products with a few activation rows, for float32, bfloat16, float16
   and Q8_0 weights (see `moshi_core.kernels.linear`).
@@ -29,8 +30,14 @@ SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp")
 FUNCTIONS = ["skinny_linear", "q8_linear", "attention_step", "rms_norm", "silu_mul"]
 
 
-# Read once: the lookup runs for every matrix product of a step.
-ENABLED = os.environ.get("MOSHI_CPU_KERNELS", "1") != "0"
+# A plain module flag: the lookup runs for every matrix product of a step.
+ENABLED = True
+
+
+def set_enabled(flag: bool) -> None:
+    """Use the kernels (the default) or PyTorch's own ops everywhere, e.g. for comparisons."""
+    global ENABLED
+    ENABLED = flag
 
 
 @functools.cache
