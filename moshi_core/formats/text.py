@@ -1,7 +1,7 @@
 """Moshi's text stream: SentencePiece pieces to words with timestamps, as they arrive.
 
-Moshi emits one text token per 80 ms step: mostly padding (PAD = 3; EPAD = 0 marks the end
-of a pause before a word), and now and then a SentencePiece piece. A piece starting with
+Moshi emits one text token per 80 ms step: mostly padding (`TEXT_PAD`; `TEXT_EPAD` marks the
+end of a pause before a word), and now and then a SentencePiece piece. A piece starting with
 "▁" begins a new word. A word's start is the time of its first piece and its end the time
 of its last piece plus one frame.
 """
@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass
 from moshi_core.errors import CheckpointError
 
 WORD_START = "\u2581"  # SentencePiece's "▁"
+# Kyutai's text-stream conventions (a model config's `existing_text_*_id` says the same where
+# it is at hand). Ids 0..TEXT_PAD are control pieces: they never carry text.
+TEXT_EPAD = 0  # end of padding: the next token starts a word (STT writes it; TTS samples it to start one)
+TEXT_PAD = 3  # padding: no text at this step
 
 
 @dataclass
@@ -54,7 +58,7 @@ class TextTokenizer:
 class TextStream:
     """Streaming detokenizer: feed one token per step, read the text and the timed words."""
 
-    def __init__(self, tokenizer: TextTokenizer, frame_rate: float = 12.5, skip: tuple[int, ...] = (0, 3)) -> None:
+    def __init__(self, tokenizer: TextTokenizer, frame_rate: float = 12.5, skip: tuple[int, ...] = (TEXT_EPAD, TEXT_PAD)) -> None:
         self.tokenizer, self.frame_duration, self.skip = tokenizer, 1 / frame_rate, set(skip)
         self.words: list[Word] = []
         self._current: Word | None = None

@@ -8,6 +8,7 @@ KV ring keeps the last `context` steps and RoPE positions keep growing; the mode
 only the most recent 4 minutes, which is the same window it saw at every step of training.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,8 @@ class LMGenerator:
         z, text_logits = self._forward_text(inputs, state.lm, rows=rows)
         slots = None if rows is None else rows.tolist()  # once a step: 9 samplings read it
         text = self._sample(text_logits[:, 0, 0], state, slots, text=True)
-        audio = self._depth_step(text, z, state, slots)
+        audio = depth_step(lm, text, z, lambda logits: self._sample(logits, state, slots, text=False),
+                           self._depformer_logits)
 
         offsets = offsets + 1
         written = (offsets % ring)[:, None, None]
@@ -147,16 +149,23 @@ class LMGenerator:
             return state.slots.sample(logits, text, slots)
         return sample_token(logits, *self.sampling.for_stream(text), self.sampling.use_sampling, self.generator)
 
-    def _depth_step(self, text: torch.Tensor, z: torch.Tensor, state: GenerationState,
-                    slots: list[int] | None) -> torch.Tensor:
-        """Moshi's dep_q audio codes for this step, codebook after codebook: [A, dep_q]."""
-        lm = self.lm
-        if lm.cfg.dep_q == 0:  # text only (speech-to-text): no depth transformer
-            return text.new_zeros(text.shape[0], 0)
-        cache = lm.init_depformer_state(text.shape[0])
-        previous, codes = text, []
-        for slot in range(lm.cfg.dep_q):
-            logits = self._depformer_logits(slot, z, previous[:, None], cache)
-            previous = self._sample(logits[:, 0], state, slots, text=False)
-            codes.append(previous)
-        return torch.stack(codes, dim=1)
+
+AudioSampler = Callable[[torch.Tensor], torch.Tensor]  # logits [A, card] -> tokens [A]
+
+
+def depth_step(lm: LMModel, text: torch.Tensor, z: torch.Tensor, sample: AudioSampler,
+               depformer_logits: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """The dep_q audio codes of one step, codebook after codebook: [A, dep_q].
+
+    Each codebook is conditioned on the token just chosen before it (the text token for the
+    first); `sample` chooses it, with whatever per-row parameters and generators the caller
+    keeps. `depformer_logits` replaces `lm.depformer_logits` (a compiled one)."""
+    if lm.cfg.dep_q == 0:  # text only (speech-to-text): no depth transformer
+        return text.new_zeros(text.shape[0], 0)
+    logits_of = depformer_logits or lm.depformer_logits
+    cache = lm.init_depformer_state(text.shape[0])
+    previous, codes = text, []
+    for slot in range(lm.cfg.dep_q):
+        previous = sample(logits_of(slot, z, previous[:, None], cache)[:, 0])
+        codes.append(previous)
+    return torch.stack(codes, dim=1)

@@ -6,9 +6,9 @@ frame, trained to lag the audio by `stt_config.audio_delay_seconds` (0.5 s / 2.5
 So the audio is led by `audio_silence_prefix_seconds` of silence and followed by the delay
 (plus a second, for the last word to close) of silence, as Kyutai's scripts do.
 
-Words: the model writes end-of-padding (0) before each word, so the pieces between two 0s
-are one word, starting at the first 0's frame + 1 and ending at the next 0; times are
-shifted back by the silence prefix and the delay. The last word ends at the end-of-stream
+Words: the model writes end-of-padding (`TEXT_EPAD`, 0) before each word, so the pieces
+between two 0s are one word, starting at the first 0's frame + 1 and ending at the next 0;
+times are shifted back by the silence prefix and the delay. The last word ends at the end-of-stream
 token or at most one second after it began. This is the rule of Kyutai's timestamp script
 (`scripts/stt_from_file_pytorch.py`), applied online so words appear as they are recognised.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moshi_core.errors import InvalidParameterError, ModelSourceError
-from moshi_core.formats.text import TextTokenizer, Word
+from moshi_core.formats.text import TEXT_EPAD, TEXT_PAD, TextTokenizer, Word
 from moshi_core.inference.generate import GenerationState, LMGenerator
 from moshi_core.loading.catalog import DEFAULT_STT_SOURCE
 from moshi_core.loading.registry import MoshiModels, load_moshi
@@ -31,8 +31,6 @@ SUPPORTED_STT_MODELS = {
     "kyutai/stt-1b-en_fr": "English and French, 1 B parameters, 0.5 s delay, voice-activity heads (candle repo)",
     "kyutai/stt-2.6b-en": "English, 2.6 B parameters, 2.5 s delay",
 }
-END_OF_PADDING = 0  # written before each word
-PADDING = 3  # tokens up to this one carry no text
 TAIL_SECONDS = 1.0  # silence after the delay, so the last word gets its closing token
 Progress = Callable[[int, int], None]
 
@@ -67,8 +65,10 @@ def load_stt(source: str = DEFAULT_STT_SOURCE, **kwargs) -> MoshiModels:
 class WordSegmenter:
     """Turns one stream of STT text tokens into timed words, one token (80 ms step) at a time."""
 
-    def __init__(self, tokenizer: TextTokenizer, frame_rate: float, offset_seconds: float) -> None:
+    def __init__(self, tokenizer: TextTokenizer, frame_rate: float, offset_seconds: float,
+                 end_of_padding: int = TEXT_EPAD) -> None:
         self.tokenizer, self.frame_rate, self.offset = tokenizer, frame_rate, offset_seconds
+        self.end_of_padding = end_of_padding  # the boundary between words
         self.eos = tokenizer.sp.eos_id()
         self.step = 0
         self._start: int | None = None  # the frame after the last end-of-padding
@@ -97,14 +97,14 @@ class WordSegmenter:
     def push(self, token: int) -> list[Word]:
         """Add the next step's token; returns the words it completes."""
         frame, self.step = self.step, self.step + 1
-        if token == END_OF_PADDING:
+        if token == self.end_of_padding:
             words = self._close(frame) if self._start is not None else []
             self._start, self._pieces, self._eos = frame + 1, [], None
             return words
         if self._start is not None:
             if token == self.eos and self._eos is None:
                 self._eos = frame  # ends the last word only, should no boundary come after it
-            elif token > PADDING:
+            elif token > TEXT_PAD:  # a control piece carries no text
                 self._pieces.append((frame, token))
         return []
 
@@ -176,7 +176,8 @@ class Transcriber:
         self.offset_seconds = self.prefix_frames / self.frame_rate + self.config.audio_delay_seconds
 
     def segmenter(self) -> WordSegmenter:
-        return WordSegmenter(self.models.tokenizer, self.frame_rate, self.offset_seconds)
+        return WordSegmenter(self.models.tokenizer, self.frame_rate, self.offset_seconds,
+                             self.lm.cfg.existing_text_end_padding_id)
 
     def init_state(self, batch_size: int = 1) -> TranscriptionState:
         return TranscriptionState(

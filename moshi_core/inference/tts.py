@@ -6,7 +6,7 @@ given as speaker embeddings the transformer cross-attends to, and CFG is distill
 `cfg` setting summed into the input. Each 80 ms step:
 
 1. the temporal transformer reads the previous step's text and audio tokens;
-2. the model samples a text token, which only says "new word" or "pad": `TextFeeder`
+2. the model samples a text token, which only says "a word starts" or "pad": `TextFeed`
    turns it into the token actually fed (the next piece of the current word, ...);
 3. the depth transformer samples the audio codebooks of the step (skipped while the audio
    is still all in the delay, where every audio token is "none", -1);
@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from moshi_core.errors import CheckpointError, InvalidParameterError, ModelSourceError
-from moshi_core.formats.text import TextTokenizer, Word
+from moshi_core.formats.text import TEXT_PAD, TextTokenizer, Word
+from moshi_core.inference.generate import depth_step
 from moshi_core.inference.sampling import SlotSampling
-from moshi_core.inference.tts_script import PAD, FeedState, TextFeeder, script_to_words
+from moshi_core.inference.tts_script import Fed, FeedRules, Say, TextFeed, build_script
 from moshi_core.loading.catalog import DEFAULT_TTS_SOURCE, DEFAULT_VOICE, DEFAULT_VOICE_REPO
 from moshi_core.loading.files import read_config
 from moshi_core.loading.hub import parse_source
@@ -51,17 +52,16 @@ class TTSConfig:
     multistream: bool = False
     max_speakers: int = 5
 
-    def __post_init__(self) -> None:
-        if self.multistream:
-            raise ValueError("multistream TTS models (two voices out) are not supported")
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TTSConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Refuses keys it does not know, and multistream models (two voices out)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown tts_config keys: {', '.join(unknown)}")
-        return cls(**data)
+        config = cls(**data)
+        if config.multistream:
+            raise ValueError("multistream TTS models (two voices out) are not supported")
+        return config
 
 
 @dataclass
@@ -100,16 +100,23 @@ class TTSModel:
         lut = self.lm.condition_provider.lut("cfg") if self.lm.condition_provider is not None else None
         return sorted(float(v) for v in lut.values) if lut is not None else []
 
-    def feeder(self, params: TTSParams) -> TextFeeder:
-        return TextFeeder(self.lm.cfg.text_card + 1, self.config.second_stream_ahead,
-                          params.max_padding, params.initial_padding)
-
-    def script(self, request: TTSRequest) -> list:
-        words = script_to_words(self.tokenizer, request.turns(), self.mimi.frame_rate,
-                                self.multi_speaker, request.params.padding_between)
-        if not any(w.tokens for w in words):
+    def text_feed(self, request: TTSRequest) -> TextFeed:
+        """The request's script, ready to be fed (invalid breaks and empty texts refused)."""
+        params = request.params
+        entries = build_script(self.tokenizer, request.turns(), self.mimi.frame_rate, self.multi_speaker,
+                               params.padding_between)
+        if not any(isinstance(e, Say) for e in entries):
             raise InvalidParameterError("the text has no words to say")
-        return words
+        return TextFeed(entries, FeedRules(self.config.second_stream_ahead, params.max_padding,
+                                           params.initial_padding))
+
+    def text_input(self, fed: Fed) -> int:
+        """The text token the model reads: with a look-ahead stream, both streams in one,
+        (second + 1) * card + main, which the model's text embedding splits again."""
+        if not self.config.second_stream_ahead:
+            return fed.main
+        second = ZERO_TOKEN if fed.second is None else fed.second
+        return (second + 1) * (self.lm.cfg.text_card + 1) + fed.main
 
 
 def load_tts(
@@ -148,7 +155,7 @@ class TTSChunk:
 
 @dataclass
 class _Request:
-    feed: FeedState
+    feed: TextFeed
     params: TTSParams
     done: bool = False
 
@@ -171,8 +178,7 @@ class TTSSession:
             info.check_cfg(r.params.cfg_coef)
         self.model, self.requests = model, requests
         lm, B = model.lm, len(requests)
-        self.feeders = [model.feeder(r.params) for r in requests]
-        self.items = [_Request(f.start(model.script(r)), r.params) for f, r in zip(self.feeders, requests)]
+        self.items = [_Request(model.text_feed(r), r.params) for r in requests]
         self.sampling = SlotSampling(B, lm.device)
         for i, r in enumerate(requests):
             self.sampling.configure(i, r.params.sampling(), r.params.seed)
@@ -239,14 +245,14 @@ class TTSSession:
         z, text_logits = lm.forward_text(inputs[..., None], self.cache, self.condition_sum)
         logits = text_logits[:, 0, 0].float()
         bonus = torch.tensor([r.params.padding_bonus for r in self.requests], device=logits.device)
-        logits[:, PAD] += bonus
+        logits[:, TEXT_PAD] += bonus
         sampled = self.sampling.sample(logits, text=True).tolist()
-        fed = [f.next_input(t, item.feed, s) for f, item, s in zip(self.feeders, self.items, sampled)]
+        fed = [self.model.text_input(item.feed.next(t, s)) for item, s in zip(self.items, sampled)]
         text = torch.tensor(fed, dtype=torch.long, device=lm.device)
         if t < self.model.delay_steps:  # the audio is all in the delay: no depth transformer
             audio = torch.full((B, lm.cfg.dep_q), ZERO_TOKEN, dtype=torch.long, device=lm.device)
         else:
-            audio = self._depth_step(text, z)
+            audio = depth_step(lm, text, z, lambda logits: self.sampling.sample(logits.float(), text=False))
         # Audio positions before the delay are "none", even where the depth step sampled them.
         audio = torch.where(t < self.delays[1:] + self.model.delay_steps, ZERO_TOKEN, audio)
         self.previous = torch.cat([text[:, None], audio], dim=1)
@@ -258,16 +264,6 @@ class TTSSession:
         frame = torch.stack([self.history[d][:, k] for k, d in enumerate(self.delays.tolist())], dim=1)
         self.frames.append(frame)
         return frame
-
-    def _depth_step(self, text: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        lm = self.model.lm
-        cache = lm.init_depformer_state(text.shape[0])
-        previous, codes = text, []
-        for slot in range(lm.cfg.dep_q):
-            logits = lm.depformer_logits(slot, z, previous[:, None], cache)
-            previous = self.sampling.sample(logits[:, 0].float(), text=False)
-            codes.append(previous)
-        return torch.stack(codes, dim=1)
 
     # -- audio out -----------------------------------------------------------------------
 
