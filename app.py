@@ -7,7 +7,7 @@ One server: the web UI (live conversation, dialogue from a file, transcription, 
 the Mimi codec), the websocket `/api/chat` (Kyutai's protocol) and the REST job API under `/v1`
 (`/docs`). Without REDIS_URL the API's jobs run in this process, on the models the UI uses.
 Models load on first use, so the page comes up even before the weights are downloaded. Every
-flag defaults to its environment variable (the README's configuration table).
+flag defaults to its environment variable (docs/configuration.md).
 """
 
 import argparse
@@ -18,7 +18,8 @@ import uvicorn
 
 from moshi_core.cli.main import MODEL_SOURCE_HELP
 from moshi_core.errors import InvalidParameterError
-from workers.settings import DTYPES, Settings
+from moshi_core.params import DTYPE_NAMES
+from workers.settings import Settings
 
 DEFAULT_PORT = 7860  # Gradio's, where a Hugging Face Space expects the app
 
@@ -29,7 +30,7 @@ def build_parser(env: Settings) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default=env.default_model, metavar="SOURCE",
         help=f"Moshi model for dialogue: {MODEL_SOURCE_HELP} (env MOSHI_MODEL; default: %(default)s)")
-    add("--dtype", default=env.dtype, choices=DTYPES,
+    add("--dtype", default=env.dtype, choices=DTYPE_NAMES,
         help="LM weights and compute (env MOSHI_DTYPE; default: %(default)s)")
     add("--mimi", default=env.mimi, metavar="SOURCE",
         help=f"Mimi weights: {MODEL_SOURCE_HELP} (env MOSHI_MIMI; default: %(default)s)")

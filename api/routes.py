@@ -181,7 +181,7 @@ def readyz(jobs: Service):
         return error_response(503, "queue_unavailable", str(exc), {"Retry-After": "5"})
     if not workers:
         return error_response(503, "no_workers", f"the queue ({jobs.queue.name}) answers but no worker does: "
-                              "start one with `celery -A workers worker` (see the README)")
+                              "start one with `celery -A workers worker` (see docs/deployment.md)")
     return {"status": "ready", "queue": jobs.queue.name, "workers": workers, "pid": os.getpid(), "time": time.time()}
 
 

@@ -2,7 +2,7 @@
 
     python bench/tts_bench.py [--layers 4] [--dtype float32] [--threads 2]
 
-The model is `kyutai/tts-1.6b-en_fr`'s exact config (released config.json, reference 11.2)
+The model is `kyutai/tts-1.6b-en_fr`'s exact config (its released config.json)
 with `--layers` temporal layers instead of 16: real widths, the real 4-layer depth
 transformer over 32 codebooks, the voice cross-attention and full-size Mimi. Both sides load
 the same random weights from one folder written in the official format, get the same

@@ -7,8 +7,15 @@ imports model code, so the API process can check requests without loading any.
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from moshi_core.errors import InvalidParameterError
+
+# How a server runs its models: the weights' and compute's dtype (torch's names) ...
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# ... and how LM steps run on CUDA: eager, `torch.compile`, or compiled into CUDA graphs.
+GpuStep = Literal["eager", "compile", "cuda-graphs"]
+GPU_STEPS: tuple[GpuStep, ...] = ("eager", "compile", "cuda-graphs")
 
 
 @dataclass(frozen=True)

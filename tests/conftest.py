@@ -1,9 +1,14 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. The tests mirror the source (core/<layer>/, workers/, api/, ui/,
+packaging/); what several of them use (the reference oracle, tiny checkpoints, test servers)
+is in support/, importable by its module name."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 # The reference compiles a few of its functions with torch.compile on first use: tens of
 # seconds per test process on 2 cores, for the same numbers as eager mode.

@@ -11,17 +11,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE, DEFAULT_VOICE_REPO
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
+from moshi_core.params import DTYPE_NAMES, GpuStep
 
 from .errors import SettingsError, UnknownModelError
-
-if TYPE_CHECKING:  # the registry imports the models: too heavy for the API process
-    from moshi_core.loading.registry import GpuStep
-
-DTYPES = ("bfloat16", "float16", "float32")  # the keys of moshi_core.loading.registry.DTYPES
 
 
 def _default_storage() -> Path:
@@ -58,7 +54,7 @@ class Settings:
     live_slots: int = 0  # live conversations at once; 0: 4 on a GPU, 1 on the CPU
     live_max_seconds: float = 300.0
     cpu_kernels: bool = True
-    gpu_step: "GpuStep" = "eager"
+    gpu_step: GpuStep = "eager"
     host: str = "127.0.0.1"
     port: int | None = None  # None: each front door's own (7860 for the app, 8000 for `python -m api`)
 
@@ -183,7 +179,7 @@ VARIABLES = (
     Variable("MOSHI_DEVICE", "device", "auto", "where models run; auto: CUDA when available",
              "auto, cpu, cuda or cuda:N", _device),
     Variable("MOSHI_DTYPE", "dtype", "bfloat16", "weights and compute of the language models",
-             ", ".join(DTYPES), _choice(*DTYPES)),
+             ", ".join(DTYPE_NAMES), _choice(*DTYPE_NAMES)),
     Variable("MOSHI_API_KEYS", "api_keys", "", "keys for `Authorization: Bearer`; unset: no authentication",
              "comma-separated keys", lambda text: frozenset(_names(text))),
     Variable("MOSHI_MAX_UPLOAD_MB", "max_upload_bytes", "100", "largest upload, in MB", POSITIVE,

@@ -9,14 +9,13 @@ from pathlib import Path
 from moshi_core.errors import MoshiError
 from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, SUPPORTED_MODELS
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.params import SamplingParams
+from moshi_core.params import DTYPE_NAMES, SamplingParams
 
 MODEL_SOURCE_HELP = (
     "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
     "hf://OWNER/REPO/FILE URI, or a local file or folder; downloads honour HF_HOME, "
     "HF_HUB_OFFLINE and HF_TOKEN"
 )
-DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # the loader's, named here so --help needs no torch
 
 
 class ProgressPrinter:
@@ -67,7 +66,7 @@ def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: st
                         help=f"the {what} model: {MODEL_SOURCE_HELP} (default: %(default)s)")
     parser.add_argument("--revision", help="pin a Hub revision of --model")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
                         help="model weights and compute (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
@@ -77,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moshi-core",
         description="Kyutai's Mimi codec, Moshi, speech-to-text and text-to-speech from the command line.",
     )
+    parser.add_argument("--no-cpu-kernels", action="store_true",
+                        help="run the portable PyTorch path instead of our C++ CPU kernels (what MOSHI_CPU_KERNELS=0 "
+                             "does for the servers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Each command's description is the docstring of the function that runs it.
@@ -262,12 +264,15 @@ def _build_kernels(args: argparse.Namespace) -> None:
     built = cpu_kernels.kernels() is not None
     state = "ready" if built else "not available, the portable PyTorch path runs"
     if built and not cpu_kernels.ENABLED:
-        state += ", but MOSHI_CPU_KERNELS=0 turns them off"
+        state += ", but --no-cpu-kernels turns them off"
     print(f"CPU kernels: {state} ({time.monotonic() - began:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from moshi_core.kernels import build as cpu_kernels
+
+    cpu_kernels.set_enabled(not args.no_cpu_kernels)
     try:
         from moshi_core.cli.tts import run_tts
 

@@ -9,7 +9,7 @@ conversation's slot is reset (LM, Mimi, its sampling generator) on its first ste
 nothing of the previous caller remains. A conversation starts with its first frame: until
 then its slot idles like the free ones.
 
-First frame, as Kyutai's server does (reference 3.6): the LM ignores the user codes of a
+First frame, as Kyutai's server does: the LM ignores the user codes of a
 conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
 second frame is encoded from a fresh codec state and becomes the model's first frame.
 

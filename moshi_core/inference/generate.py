@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from moshi_core.inference.sampling import SlotSampling, sample_token
-from moshi_core.loading.registry import GpuStep
 from moshi_core.models.lm import UNGENERATED_TOKEN, LMModel
 from moshi_core.nn.transformer import KVCache
-from moshi_core.params import SamplingParams
+from moshi_core.params import GpuStep, SamplingParams
 
 
 def _gpu_compiled(lm: LMModel, gpu_step: GpuStep):

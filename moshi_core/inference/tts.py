@@ -1,6 +1,6 @@
 """Text-to-speech with Kyutai's TTS models (`kyutai/tts-1.6b-en_fr`), streamed frame by frame.
 
-The TTS model is the Moshi architecture with the streams turned around (reference 7.2):
+The TTS model is the Moshi architecture with the streams turned around:
 the text leads and the audio follows `delay_steps` frames behind (1.28 s), the voice is
 given as speaker embeddings the transformer cross-attends to, and CFG is distilled into a
 `cfg` setting summed into the input. Each 80 ms step:

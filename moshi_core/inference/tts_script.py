@@ -12,7 +12,7 @@ overrules it: no start while a word's tokens or forced pads remain, a forced sta
 `max_padding` steps have passed without one; then it returns what the model is fed, the next token of the
 current word or a pad. A model with a look-ahead stream (`lookahead = n`) also gets, on a
 second stream, the start marker and then the tokens of the word n places ahead. Past the
-last entry the script has ended: `end_step` is that step (reference 7.2).
+last entry the script has ended: `end_step` is that step.
 
 Nothing here needs the model: the API can check a script before any is loaded.
 """

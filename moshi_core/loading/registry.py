@@ -9,7 +9,7 @@ apply, as in Kyutai's loader.
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -21,14 +21,11 @@ from moshi_core.loading.files import file_in, read_config
 from moshi_core.loading.hub import parse_source
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 from moshi_core.models.mimi import MimiModel
-
-# How LM steps run on CUDA (`LMGenerator`): eager, `torch.compile`, or compiled into CUDA graphs.
-GpuStep = Literal["eager", "compile", "cuda-graphs"]
-GPU_STEPS: tuple[GpuStep, ...] = ("eager", "compile", "cuda-graphs")
+from moshi_core.params import DTYPE_NAMES, GpuStep
 
 LM_FILENAMES = ("model.q8.gguf", "model.safetensors", "model.q8.safetensors")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from moshi_core.formats.text import TEXT_EPAD, TEXT_PAD
 from moshi_core.kernels.linear import Linear
 from moshi_core.nn.conditioners import ConditionProvider, FuserConfig
 from moshi_core.nn.transformer import KVCache, Transformer, TransformerConfig, make_norm
@@ -46,8 +47,8 @@ class LMConfig:
     positional_embedding: str = "sin"
     delays: list[int] = field(default_factory=lambda: [0])
     text_card_out: int | None = None
-    existing_text_padding_id: int = 3
-    existing_text_end_padding_id: int = 0
+    existing_text_padding_id: int = TEXT_PAD
+    existing_text_end_padding_id: int = TEXT_EPAD
     norm_emb: bool = False
     bias_proj: bool = False
     extra_heads_num_heads: int = 0

@@ -39,7 +39,7 @@ def test_offline_matches_reference(name, speech, our_mimi, ref_mimi):
         ref_codes = ref_mimi.encode(wav)
         codes = our_mimi.encode(wav)
         assert codes.shape == (1, 8, -(-wav.shape[-1] // 1920))
-        # Exact ties (README, Tests) fall either way with the CPU's summation order.
+        # Exact ties (two centroids at the same distance) fall either way with the CPU's summation order.
         padded = torch.nn.functional.pad(wav, (0, -wav.shape[-1] % 1920))
         assert_codes_equal_up_to_ties(codes, ref_codes, ref_mimi, padded)
         assert len(codes.unique()) >= min(100, codes.numel() // 4)  # the codebooks are really used

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from moshi_core.formats.tokens import load_tokens
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

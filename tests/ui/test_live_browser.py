@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from app_server import serve_app
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+pytestmark = pytest.mark.e2e  # real servers, a browser
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 # What works as root in a closed network (../shared/browser-testing.md).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from servers import free_port
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

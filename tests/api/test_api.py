@@ -23,6 +23,8 @@ from servers import REPO_DIR, Redis, start_api, start_worker, wait_until
 
 from moshi_core.formats.tokens import MimiTokens, load_tokens, tokens_to_bytes
 
+pytestmark = pytest.mark.e2e  # real servers, Redis and Celery workers
+
 
 @pytest.fixture(scope="module")
 def base_env(tmp_path_factory, mimi_checkpoint, tiny_moshi) -> dict[str, str]:

@@ -91,7 +91,7 @@ def test_reference_test_assets_load_and_give_the_recorded_outputs():
     loader: the logits and masks it recorded for its codes."""
     from safetensors.torch import load_file
 
-    assets = Path(__file__).resolve().parents[1] / ".cache" / "reference" / "tests" / "assets"
+    assets = Path(__file__).resolve().parents[3] / ".cache" / "reference" / "tests" / "assets"
     if not assets.is_dir():
         pytest.fail(f"{assets} is missing: `make setup-test` unpacks the reference sdist there")
     ours = load_lm(assets / "test_lm_model.safetensors", LMConfig.from_dict(TINY_TEST_LM), dtype=torch.float32)

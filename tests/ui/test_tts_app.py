@@ -2,8 +2,11 @@
 
 import time
 
+import pytest
 from app_server import serve_app
 from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.e2e  # real servers
 
 
 def test_tts_tab_streams_audio_then_gives_the_words(mimi_checkpoint, tiny_moshi, tiny_tts):  # noqa: F811

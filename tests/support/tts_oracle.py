@@ -1,6 +1,6 @@
 """A tiny Kyutai TTS model with random weights, written as `kyutai/tts-1.6b-en_fr` lays it out.
 
-The config is the released one (reference 11.2) with narrower layers: same streams (text +
+The config is the released one with narrower layers: same streams (text +
 32 audio codebooks, acoustic delay 2, audio 1.28 s behind the text), look-ahead text
 stream, low-rank depth embeddings, 11 depth weight sets, the voice through cross-attention
 and the `cfg`/`control` settings summed in. Voices are `speaker_wavs` files named as in

@@ -15,7 +15,7 @@ from moshi_core.loading.checkpoints import load_mimi
 from moshi_core.loading.hub import parse_source
 
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

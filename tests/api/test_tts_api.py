@@ -13,6 +13,8 @@ import soundfile as sf
 from servers import REPO_DIR, start_api, wait_until
 from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.e2e  # real servers
+
 TEXT = "hello how are you doing today i am fine thank you"
 
 

@@ -41,7 +41,7 @@ def stt(request, stt_factory):
 
 
 def reference_words(tokens: list[int], sp, frame_rate: float, offset: float) -> list[Word]:
-    """Kyutai's word rule (`stt_from_file_pytorch.py`, reference 7.1) on whole token lists."""
+    """Kyutai's word rule (`stt_from_file_pytorch.py`) on whole token lists."""
     tokens = torch.tensor(tokens)
 
     def time(frame):

@@ -16,7 +16,7 @@ def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     The reference module splits each fused attention projection into one Linear per weight
     set (`in_projs.{i}`, `out_projs.{i}`); the files store them fused, concatenated along
-    the output dimension, as `in_proj_weight` and `out_proj.weight` (reference 1.11, 2.7).
+    the output dimension, as `in_proj_weight` and `out_proj.weight`.
     """
     state: dict[str, torch.Tensor] = {}
     fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -161,7 +161,7 @@ def write_reference_lm(path: Path, kwargs: dict, seed: int = 0):
 
 
 def candle_state_dict(official: dict[str, torch.Tensor], dep_q: int) -> dict[str, torch.Tensor]:
-    """PyTorch checkpoint names -> Candle's (reference 5.1): the depth transformer split into
+    """PyTorch checkpoint names -> Candle's: the depth transformer split into
     one slice per codebook, its shared norms copied into every slice."""
     out: dict[str, torch.Tensor] = {}
     for name, value in official.items():
@@ -230,7 +230,7 @@ def write_test_tokenizer(path: Path) -> Path:
     return path
 
 
-# The HF configs (reference 11.4, 11.5), scaled down to 2 layers of width 256 (heads, context,
+# The HF configs of kyutai/stt-1b-en_fr and kyutai/stt-2.6b-en, scaled down to 2 layers of width 256 (heads, context,
 # RoPE period, norms, gating and heads as released), with our test tokenizer's 64 pieces.
 STT_BASE = dict(
     card=2048, n_q=32, dep_q=0, delays=[0] * 33, dim=256, text_card=64, existing_text_padding_id=3,

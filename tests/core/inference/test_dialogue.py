@@ -13,7 +13,7 @@ import torch
 from moshi_core.errors import CheckpointError, ModelSourceError
 from moshi_core.formats.text import TextStream, TextTokenizer
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[3]
 
 
 def test_text_stream_builds_timed_words(tokenizer_model):

@@ -13,6 +13,8 @@ from app_server import serve_app
 
 from moshi_core.formats.audio import load_audio
 
+pytestmark = pytest.mark.e2e  # real servers
+
 SLOTS = 2
 MAX_SECONDS = 3  # in an app of its own: the other tests' conversations take longer on a busy machine
 FRAMES = 20  # 1.6 s of the user's speech per conversation

@@ -33,7 +33,7 @@ def speech(shared_audio) -> list[np.ndarray]:
 
 
 def lone_session(models, frames, sampling: SamplingParams, seed: int) -> tuple[list[str], list[np.ndarray]]:
-    """One conversation alone, following Kyutai's server (reference 3.6): the first frame is
+    """One conversation alone, following Kyutai's server: the first frame is
     stepped and ignored, then Mimi starts afresh. Returns the text pieces and audio frames."""
     mimi, lm, tokenizer = models.mimi, models.lm, models.tokenizer
     gen = LMGenerator(lm, sampling, seed=seed)

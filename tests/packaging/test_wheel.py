@@ -14,7 +14,7 @@ from moshi_core.kernels import build as cpu_kernels
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("moshi_core", "api", "workers", "ui")
 # Every file of these folders goes into the wheel, not only Python: the kernels are compiled
 # from them on the user's machine, the browser client is served from them.
