@@ -18,6 +18,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.e2e  # the installed command
 def test_encode_then_decode_round_trip(tmp_path, shared_audio, mimi_checkpoint):
     tokens, wav = tmp_path / "t.safetensors", tmp_path / "out.wav"
     source = shared_audio / "en_question_44k_stereo.wav"
@@ -36,6 +37,7 @@ def test_encode_then_decode_round_trip(tmp_path, shared_audio, mimi_checkpoint):
     assert (out.samplerate, out.channels, out.frames) == (24000, 1, loaded.num_samples[0])
 
 
+@pytest.mark.e2e  # the installed command
 def test_batch_encode_and_decode(tmp_path, shared_audio, mimi_checkpoint):
     tokens = tmp_path / "batch.safetensors"
     files = [shared_audio / "en_short_16k.wav", shared_audio / "en_question_24k.wav"]

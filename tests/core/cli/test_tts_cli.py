@@ -16,6 +16,7 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, cwd=REPO_DIR, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.e2e  # the installed command
 def test_tts_cli_from_stdin_and_errors(tiny_tts, tmp_path):  # noqa: F811
     folder, voices = tiny_tts
     common = ["--model", str(folder), "--voices", str(voices), "--dtype", "float32", "--seed", "3"]

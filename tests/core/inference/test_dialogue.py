@@ -38,6 +38,7 @@ def test_not_a_tokenizer(tmp_path):
         TextTokenizer(bad)
 
 
+@pytest.mark.e2e  # the installed command
 def test_dialogue_cli_writes_three_outputs(tmp_path, tiny_moshi, shared_audio):
     source = shared_audio / "en_question_24k.wav"
     out, text, stereo = tmp_path / "moshi.wav", tmp_path / "moshi.json", tmp_path / "stereo.wav"

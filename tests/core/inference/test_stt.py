@@ -145,6 +145,7 @@ def test_a_moshi_folder_is_not_an_stt_model(tiny_moshi):
         load_stt(str(tiny_moshi), dtype=torch.float32)
 
 
+@pytest.mark.e2e  # the installed command
 def test_cli_transcribe_formats(stt_factory, shared_audio, tmp_path):
     _, folder, _, models = stt_factory("stt-1b-en_fr")
     speech = shared_audio / "en_question_24k.wav"
@@ -164,6 +165,7 @@ def test_cli_transcribe_formats(stt_factory, shared_audio, tmp_path):
     assert run("--format", "text").stdout.strip() == expected.text
 
 
+@pytest.mark.e2e  # a real server
 def test_transcription_job_and_openai_endpoint(stt_factory, shared_audio, tmp_path):
     import httpx
     import openai
@@ -238,6 +240,7 @@ def test_live_transcription_in_odd_chunks_equals_the_file(stt_factory, shared_au
     assert live.words == offline.words
 
 
+@pytest.mark.e2e  # a real server
 def test_transcribe_tab(stt_factory, mimi_checkpoint, tiny_moshi, shared_audio):
     from app_server import serve_app
     from gradio_client import Client, handle_file
