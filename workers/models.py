@@ -7,12 +7,12 @@ process start-up short (its pool kills children that take more than a few second
 
 import threading
 
-from moshi_core.inference.codec import resolve_device
 from moshi_core.inference.stt import load_stt
 from moshi_core.inference.tts import TTSModel, load_tts
 from moshi_core.kernels.build import set_enabled
 from moshi_core.loading.checkpoints import load_mimi
-from moshi_core.loading.registry import MoshiModels, load_moshi, parse_dtype
+from moshi_core.loading.device import parse_dtype, resolve_device
+from moshi_core.loading.registry import MoshiModels, load_moshi
 from moshi_core.models.mimi import MimiModel
 
 from .dialogue_engine import DialogueEngine

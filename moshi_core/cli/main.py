@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_mimi(args: argparse.Namespace):
-    from moshi_core.inference.codec import resolve_device
     from moshi_core.loading.checkpoints import load_mimi
+    from moshi_core.loading.device import resolve_device
 
     return load_mimi(args.mimi, device=resolve_device(args.device), revision=args.revision)
 
@@ -195,9 +195,10 @@ def _dialogue(args: argparse.Namespace) -> None:
     import json
 
     from moshi_core.formats.audio import atomic_write_bytes, write_wav
-    from moshi_core.inference.codec import load_batch, resolve_device
+    from moshi_core.inference.codec import load_batch
     from moshi_core.inference.dialogue import run_dialogue
-    from moshi_core.loading.registry import load_moshi, parse_dtype
+    from moshi_core.loading.device import parse_dtype, resolve_device
+    from moshi_core.loading.registry import load_moshi
     from moshi_core.params import SamplingOverrides
 
     # Checks the values before anything loads.
@@ -228,9 +229,9 @@ def _transcribe(args: argparse.Namespace) -> None:
     inputs run as one batch; -o then gets .0, .1, ... before its suffix."""
     from moshi_core.formats.audio import atomic_write_bytes
     from moshi_core.formats.subtitles import format_transcript
-    from moshi_core.inference.codec import load_batch, resolve_device
+    from moshi_core.inference.codec import load_batch
     from moshi_core.inference.stt import Transcriber, load_stt
-    from moshi_core.loading.registry import parse_dtype
+    from moshi_core.loading.device import parse_dtype, resolve_device
 
     wavs = load_batch(args.audio, args.max_seconds)
     models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),

@@ -60,9 +60,8 @@ def run_tts(args: argparse.Namespace) -> None:
     words with their start and end times (JSON). <break time="1s"/> in the text
     inserts a pause."""
     from moshi_core.formats.audio import atomic_write_bytes, write_wav
-    from moshi_core.inference.codec import resolve_device
     from moshi_core.inference.tts import TTSRequest, load_tts, synthesize
-    from moshi_core.loading.registry import parse_dtype
+    from moshi_core.loading.device import parse_dtype, resolve_device
     from moshi_core.loading.tts_info import describe_tts
 
     text = read_text(args)

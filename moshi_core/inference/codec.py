@@ -54,18 +54,3 @@ def decode_tokens(
     with torch.inference_mode():
         wav = mimi.decode(tokens.codes.to(mimi.device), progress=progress).cpu()
     return [wav[i, :, :n] for i, n in enumerate(tokens.num_samples)]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N` or None (CUDA when available), checked against this machine."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("CUDA is not available on this machine (no GPU or a CPU-only PyTorch): use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidParameterError(f"device {name!r} is not supported: use cpu or cuda")
-    return device

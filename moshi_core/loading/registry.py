@@ -21,11 +21,10 @@ from moshi_core.loading.files import file_in, read_config
 from moshi_core.loading.hub import parse_source
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 from moshi_core.models.mimi import MimiModel
-from moshi_core.params import DTYPE_NAMES, GpuStep
+from moshi_core.params import GpuStep
 
 LM_FILENAMES = ("model.q8.gguf", "model.safetensors", "model.q8.safetensors")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -39,12 +38,6 @@ class MoshiModels:
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # `lm_gen_config`
     config: dict[str, Any] = field(default_factory=dict)  # the whole config.json ({} without one)
     gpu_step: GpuStep = "eager"  # how LM steps run on CUDA (`LMGenerator`)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ModelSourceError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_moshi(
