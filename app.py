@@ -16,6 +16,7 @@ import sys
 
 import uvicorn
 
+from api.limits import WS_MAX_SIZE
 from moshi_core.cli.main import MODEL_SOURCE_HELP
 from moshi_core.errors import InvalidParameterError
 from moshi_core.params import DTYPE_NAMES
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Open streams (a Gradio client, a websocket) must not keep a stopping server up forever.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ws_max_size=WS_MAX_SIZE)
 
 
 if __name__ == "__main__":

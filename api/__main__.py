@@ -15,6 +15,7 @@ from workers.errors import SettingsError
 from workers.settings import Settings
 
 from .app import create_api
+from .limits import WS_MAX_SIZE
 
 DEFAULT_PORT = 8000
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     except MoshiError as exc:
         parser.error(str(exc))
     # Open streams (a Gradio client, a websocket) must not keep a stopping server up forever.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                ws_max_size=WS_MAX_SIZE)
 
 
 if __name__ == "__main__":

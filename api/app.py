@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from workers.errors import UploadTooLargeError
 from workers.jobs import JobStore
 from workers.queue import make_queue
 from workers.settings import Settings
 
-from .errors import error_response, install_error_handlers
+from .auth import install_auth
+from .errors import install_error_handlers
+from .limits import install_limits
 from .routes import router
 from .service import JobService
 from .speech import router as speech_router
@@ -30,39 +30,9 @@ DESCRIPTION = """Batch jobs on Kyutai's Moshi and its Mimi codec.
 Submit a file (`POST /v1/dialogue`, `/v1/codec/encode`, `/v1/codec/decode`): the answer is
 `202 Accepted` with the job and `Location: /v1/jobs/{id}`. Poll the job until its `state`
 is `succeeded`, then download `/v1/jobs/{id}/result` or a named artifact. Errors are JSON
-`{"error": {"code", "message"}}`. With API keys configured, send `Authorization: Bearer <key>`.
+`{"error": {"code", "message"}}`. With API keys configured, send `Authorization: Bearer <key>` (websockets: the
+`kyutai-api-key` header or `?api_key=`; browsers: the cookie `/login` sets).
 """
-
-
-class UploadLimit:
-    """Refuses a request body over the limit before it is read (413), whatever the route.
-
-    A declared Content-Length is checked up front; a chunked body is counted as it arrives.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    def _message(self) -> str:
-        return f"the request is over this server's upload limit of {self.max_bytes / 2**20:g} MB"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(413, "too_large", self._message())(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise UploadTooLargeError(self._message())
-            return message
-
-        await self.app(scope, counted, send)
 
 
 async def _purge_forever(store: JobStore, ttl: float) -> None:
@@ -99,8 +69,8 @@ def create_api(settings: Settings | None = None, models: "ModelCache | None" = N
 
     app = FastAPI(title="Moshi serving stack", description=DESCRIPTION, lifespan=lifespan, **fastapi_options)
     install_error_handlers(app)
-    # Multipart framing adds a little to the file itself.
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
+    install_limits(app, settings)
+    install_auth(app, settings)  # outermost: no body is read before the key is checked
     app.include_router(router)
     app.include_router(transcription_router)
     app.include_router(speech_router)

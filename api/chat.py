@@ -9,17 +9,21 @@ Every message is binary, its first byte the kind:
   instead, any length in, one 1920-sample frame (80 ms) per message out;
 - `0x02` text (server -> client): Moshi's next text piece, UTF-8;
 - `0x05` error (server -> client), then the socket closes: a bad query argument, every
-  slot busy, the time limit reached.
+  slot busy, the time limit reached, no audio for `idle_seconds`, a message of more than
+  `MAX_MESSAGE_BYTES`, audio sent faster than real time (see `LiveDriver`), the
+  conversation's own failure.
 
 Query arguments as Kyutai's Rust server reads them: `text_temperature`, `text_topk`,
 `audio_temperature`, `audio_topk`; one generator drives both streams here, so `seed` (or
 else `text_seed`, or else `audio_seed`) seeds it. Its other arguments (`pad_mult`,
-`repetition_penalty`, ...) are accepted and ignored. Other kinds of message are ignored, as
+`repetition_penalty`, ...) are accepted and ignored. Each argument is checked against its
+domain (finite temperatures, top-k and seed in range) before a slot is taken. Other kinds of message are ignored, as
 Kyutai's Python server does. `GET /api/chat/stats` counts frames per conversation.
 """
 
 import asyncio
 import dataclasses
+import math
 import statistics
 import struct
 from collections.abc import Mapping
@@ -30,9 +34,11 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
 from api.live_driver import LiveDriver, LiveSession
-from moshi_core.errors import InvalidParameterError, LiveBusyError, MoshiError
+from moshi_core.errors import InvalidParameterError, LiveBusyError, LiveInputError, MoshiError
 from moshi_core.formats.pcm import SAMPLE_RATE, pcm16_bytes, pcm16_from_bytes
 from moshi_core.params import SamplingParams
+
+from .limits import MAX_MESSAGE_BYTES
 
 HANDSHAKE = b"\x00" + struct.pack("<II", 0, 0)
 # What a vanished caller raises on send (uvicorn's ClientDisconnected is an OSError).
@@ -40,9 +46,11 @@ GONE = (WebSocketDisconnect, OSError, RuntimeError)
 AUDIO, TEXT, ERROR = 1, 2, 5
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"live.js": "text/javascript", "live-worklet.js": "text/javascript"}
-# Query argument -> SamplingParams field.
+# Query argument -> SamplingParams field (whose own check bounds the temperatures).
 SAMPLING_ARGS = {"text_temperature": ("temp_text", float), "text_topk": ("top_k_text", int),
                  "audio_temperature": ("temp", float), "audio_topk": ("top_k", int)}
+MAX_TOP_K = 2**31 - 1  # beyond the vocabulary it changes nothing; beyond int32 torch may overflow
+MAX_SEED = 2**63  # exclusive: torch generators take a signed 64-bit seed
 
 
 class OpusCodec:
@@ -76,20 +84,36 @@ def parse_session_args(query: Mapping[str, str], defaults: SamplingParams) -> tu
     overrides = {}
     for arg, (name, kind) in SAMPLING_ARGS.items():
         if arg in query:
-            overrides[name] = _number(query, arg, kind)
+            overrides[name] = _number(query, arg, kind, 0, MAX_TOP_K) if kind is int else _number(query, arg, kind)
     seed_arg = next((a for a in ("seed", "text_seed", "audio_seed") if a in query), None)
-    seed = None if seed_arg is None else _number(query, seed_arg, int)
+    seed = None if seed_arg is None else _number(query, seed_arg, int, 0, MAX_SEED - 1)
     codec = query.get("codec", "opus")
     if codec not in ("opus", "pcm"):
         raise InvalidParameterError(f"codec must be opus or pcm, not {codec!r}")
     return dataclasses.replace(defaults, **overrides), seed, codec
 
 
-def _number(query: Mapping[str, str], arg: str, kind: type) -> int | float:
+def _number(query: Mapping[str, str], arg: str, kind: type, low: int | None = None,
+            high: int | None = None) -> int | float:
+    """The argument as a `kind`: an integer within [low, high], or a finite float."""
+    text = query[arg]
+    what = "an integer" if kind is int else "a number"
     try:
-        return kind(query[arg])
+        value = kind(text)
     except ValueError:
-        raise InvalidParameterError(f"{arg} must be a number, not {query[arg]!r}") from None
+        raise InvalidParameterError(f"{arg} must be {what}, not {text[:40]!r}") from None
+    if not math.isfinite(value) if low is None else not low <= value <= high:
+        bounds = "a finite number" if low is None else f"an integer between {low} and {high}"
+        raise InvalidParameterError(f"{arg} must be {bounds}, not {text[:40]!r}")
+    return value
+
+
+class _Ended(Exception):
+    """The conversation ends for a reason the caller is told (the error message) and a close code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 async def _end(ws: WebSocket, message: str, code: int) -> None:
@@ -101,19 +125,34 @@ async def _end(ws: WebSocket, message: str, code: int) -> None:
         pass
 
 
-async def _receive(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec) -> None:
+async def _receive(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec, idle_seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_seconds  # moved on by each audio message
     while True:
-        message = await ws.receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await ws.receive()
+        except TimeoutError:
+            raise _Ended(f"idle: no audio for {idle_seconds:g} s, the conversation ended", 1000) from None
         if message["type"] == "websocket.disconnect":
             return
         data = message.get("bytes")
+        if data and len(data) > MAX_MESSAGE_BYTES:
+            raise _Ended(f"a message of {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES} (send audio "
+                         "as it is recorded, in pieces of at most 500 ms)", 1009)
         if data and data[0] == AUDIO:
-            session.push(codec.decode(data[1:]))
+            try:
+                session.push(codec.decode(data[1:]))
+            except LiveInputError as exc:
+                raise _Ended(str(exc), 1008) from None
+            deadline = loop.time() + idle_seconds
 
 
 async def _send(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec) -> None:
     while True:
         frame = await session.next_frame()
+        if frame.error is not None:
+            raise _Ended(f"error: {frame.error}", 1011)
         if frame.audio is not None:
             payload = codec.encode(frame.audio)
             if payload:
@@ -122,9 +161,10 @@ async def _send(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec
             await ws.send_bytes(bytes([TEXT]) + frame.text.encode())
 
 
-async def _converse(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec) -> None:
-    """Until the caller hangs up."""
-    tasks = [asyncio.create_task(_receive(ws, session, codec)), asyncio.create_task(_send(ws, session, codec))]
+async def _converse(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec, idle_seconds: float) -> None:
+    """Until the caller hangs up (or `_Ended`)."""
+    tasks = [asyncio.create_task(_receive(ws, session, codec, idle_seconds)),
+             asyncio.create_task(_send(ws, session, codec))]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -143,8 +183,9 @@ def _percentile_ms(values: list[float], q: int) -> float | None:
     return round(statistics.quantiles(values, n=100)[q - 1] * 1000, 2)
 
 
-def create_chat_router(driver: LiveDriver, max_seconds: float) -> APIRouter:
-    """The websocket, its stats and the browser client's files; `max_seconds` per conversation."""
+def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: float = 30.0) -> APIRouter:
+    """The websocket, its stats and the browser client's files; `max_seconds` per conversation,
+    which ends after `idle_seconds` without audio."""
     router = APIRouter(tags=["live"])
 
     @router.websocket("/api/chat")
@@ -165,10 +206,13 @@ def create_chat_router(driver: LiveDriver, max_seconds: float) -> APIRouter:
         try:
             await ws.send_bytes(HANDSHAKE)
             async with asyncio.timeout(max_seconds):
-                await _converse(ws, session, codec)
+                await _converse(ws, session, codec, idle_seconds)
         except TimeoutError:
             await driver.close(session)  # the slot is free by the time the caller hears of the end
             await _end(ws, f"time limit: conversations end after {max_seconds:g} s", 1000)
+        except _Ended as ended:
+            await driver.close(session)
+            await _end(ws, str(ended), ended.code)
         except GONE:
             pass  # the caller hung up
         finally:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from moshi_core.errors import (
+    AudioTooLargeError,
     AudioTooLongError,
     CheckpointError,
     InvalidAudioError,
@@ -41,6 +42,7 @@ STATUS = [
     (IdempotencyConflictError, 409, "idempotency_conflict"),
     (UploadTooLargeError, 413, "too_large"),
     (AudioTooLongError, 413, "audio_too_long"),
+    (AudioTooLargeError, 413, "audio_too_large"),
     (InvalidAudioError, 422, "invalid_audio"),
     (InvalidTokenFileError, 422, "invalid_token_file"),
     (InvalidParameterError, 422, "invalid_parameter"),

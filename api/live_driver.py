@@ -5,7 +5,9 @@ blocked by it. A step runs as soon as every started conversation (one that has s
 has a frame waiting; when some have one and others do not, it waits at most `max_wait` (one
 frame, 80 ms) for the late ones and then gives them silence (an underrun, counted), so one
 stalled caller cannot stall the rest. A caller who sends faster than real time is answered
-as fast as the model goes; when no one sends, nothing is stepped.
+as fast as the model goes, but never buffered without limit: a session holds at most
+`max_queued_seconds` of the caller's audio, and more ends it (`LiveInputError`). A step that
+fails as a whole ends every conversation with its error rather than stopping the loop.
 """
 
 import asyncio
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moshi_core.engines.live import LiveEngine, LiveFrame
+from moshi_core.errors import LiveInputError
+from moshi_core.formats.pcm import SAMPLE_RATE
 from moshi_core.params import SamplingParams
 
 
@@ -34,9 +38,10 @@ class SessionStats:
 class LiveSession:
     """One conversation: `push` the caller's audio, `await next_frame()` for Moshi's."""
 
-    def __init__(self, slot: int, frame_size: int, wake: asyncio.Event) -> None:
+    def __init__(self, slot: int, frame_size: int, wake: asyncio.Event, max_queued_seconds: float) -> None:
         self.stats = SessionStats(slot)
         self._frame_size = frame_size
+        self._max_queued = max_queued_seconds
         self._wake = wake
         self._partial = np.zeros(0, dtype=np.float32)  # samples short of a whole frame
         self._frames: collections.deque[tuple[float, np.ndarray]] = collections.deque()  # (arrival, frame)
@@ -47,8 +52,14 @@ class LiveSession:
         return self.stats.slot
 
     def push(self, pcm: np.ndarray) -> None:
-        """Any number of 24 kHz float32 samples; whole frames are queued for the next steps."""
-        samples = np.concatenate([self._partial, np.asarray(pcm, dtype=np.float32).reshape(-1)])
+        """24 kHz float32 samples; whole frames are queued for the next steps. Raises
+        `LiveInputError` when that would queue more than `max_queued_seconds` of audio."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        queued = (len(self._frames) * self._frame_size + len(self._partial) + len(pcm)) / SAMPLE_RATE
+        if queued > self._max_queued:
+            raise LiveInputError(f"audio arrives faster than real time: {queued:.1f} s would wait, the limit is "
+                                 f"{self._max_queued:g} s; send it as it is recorded")
+        samples = np.concatenate([self._partial, pcm])
         whole = len(samples) // self._frame_size * self._frame_size
         now = time.monotonic()
         for start in range(0, whole, self._frame_size):
@@ -84,9 +95,11 @@ class LiveDriver:
     """Owns one engine (built on first use, in a thread: loading weights takes a while) and
     the loop that steps it while conversations are open."""
 
-    def __init__(self, load_engine: Callable[[], LiveEngine], max_wait: float = 0.08, history: int = 32) -> None:
+    def __init__(self, load_engine: Callable[[], LiveEngine], max_wait: float = 0.08, history: int = 32,
+                 max_queued_seconds: float = 4.0) -> None:
         self._load_engine = load_engine
         self.max_wait = max_wait
+        self.max_queued_seconds = max_queued_seconds
         self._engine: LiveEngine | None = None
         self._load_lock = asyncio.Lock()
         self._step_lock = asyncio.Lock()  # open/close never run while a step does
@@ -116,7 +129,7 @@ class LiveDriver:
         engine = await self.engine()
         async with self._step_lock:
             slot = engine.open(sampling, seed)
-            session = LiveSession(slot, engine.frame_size, self._wake)
+            session = LiveSession(slot, engine.frame_size, self._wake, self.max_queued_seconds)
             self._sessions[slot] = session
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
@@ -140,7 +153,11 @@ class LiveDriver:
                     continue  # the callers with frames left meanwhile
                 frames = {s.slot: s._take() for s in sessions}
                 start = time.perf_counter()
-                outputs = await asyncio.to_thread(self._engine.step, frames)
+                try:
+                    outputs = await asyncio.to_thread(self._engine.step, frames)
+                except Exception as exc:  # noqa: BLE001 (the batch failed: every conversation ends, the loop lives)
+                    failed = LiveFrame(audio=None, text="", error=f"the model step failed ({type(exc).__name__})")
+                    outputs = {s.slot: failed for s in sessions}
                 self.step_seconds.append(time.perf_counter() - start)
                 for s in sessions:
                     if s.slot in outputs:

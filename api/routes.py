@@ -1,8 +1,6 @@
 """The REST routes: thin, each one reads its input, calls the job service, shapes the answer."""
 
-import hmac
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -10,10 +8,11 @@ from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, U
 from fastapi.responses import FileResponse, PlainTextResponse
 
 from moshi_core.params import SamplingOverrides
-from workers.errors import QueueUnavailableError, UploadTooLargeError
-from workers.jobs import Job, JobKind, owner_of
+from workers.errors import UploadTooLargeError
+from workers.jobs import Job, JobKind, owner_of, public_name
 
-from .errors import AuthenticationError, error_response
+from .auth import authenticate
+from .errors import error_response
 from .metrics import render_metrics
 from .schemas import ErrorOut, JobOut, ModelOut, ModelsOut, content_type
 from .service import JobService
@@ -26,18 +25,11 @@ def service(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The owner of the jobs this request may see: a digest of its API key ("" without keys)."""
-    keys = service(request).settings.api_keys
-    if not keys:
-        return ""
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise AuthenticationError("this server needs an API key: send the header 'Authorization: Bearer <key>'")
-    key = key.strip()
-    if not any(hmac.compare_digest(key.encode(), known.encode()) for known in keys):
-        raise AuthenticationError("unknown API key")
-    return owner_of(key)
+def caller(request: Request) -> str:
+    """The owner of the jobs this request may see: a digest of its API key ("" without keys).
+
+    The key guard (api.auth) has checked the key already; without it, this checks it."""
+    return owner_of(authenticate(request.scope, service(request).settings.api_keys))
 
 
 Service = Annotated[JobService, Depends(service)]
@@ -80,15 +72,18 @@ def submit_dialogue(
     temp_audio: Annotated[float | None, Form(ge=0, le=10, description="Audio temperature (model default 0.8)")] = None,
     top_k_audio: Annotated[int | None, Form(ge=0, le=100_000)] = None,
     greedy: Annotated[bool, Form(description="Always take the most likely token")] = False,
-    max_seconds: Annotated[float | None, Form(gt=0, description="Use only the first seconds of the file")] = None,
+    max_seconds: Annotated[float | None, Form(gt=0, le=86_400, allow_inf_nan=False,
+                                                 description="Use only the first seconds of the file")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     name = upload_name(file, "audio")
-    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name, max_seconds)
+    data = read_upload(file, jobs.settings.max_upload_bytes)
+    files, _ = jobs.audio_input(data, name, max_seconds)
     sampling = SamplingOverrides(temp_text=temp_text, top_k_text=top_k_text, temp_audio=temp_audio,
                                  top_k_audio=top_k_audio, greedy=greedy)
     params, asked = jobs.dialogue_params(model, seed, sampling, max_seconds)
-    submission = jobs.submit(JobKind.DIALOGUE, owner, params, files, name, idempotency_key, fingerprint_params=asked)
+    submission = jobs.submit(JobKind.DIALOGUE, owner, params, files, name, idempotency_key, fingerprint_params=asked,
+                             upload=data)
     return accepted(jobs, submission.job, response, submission.replayed)
 
 
@@ -101,8 +96,10 @@ def submit_encode(
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     name = upload_name(file, "audio")
-    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name)
-    submission = jobs.submit(JobKind.ENCODE, owner, {"num_codebooks": num_codebooks}, files, name, idempotency_key)
+    data = read_upload(file, jobs.settings.max_upload_bytes)
+    files, _ = jobs.audio_input(data, name)
+    submission = jobs.submit(JobKind.ENCODE, owner, {"num_codebooks": num_codebooks}, files, name, idempotency_key,
+                             upload=data)
     return accepted(jobs, submission.job, response, submission.replayed)
 
 
@@ -160,29 +157,32 @@ def delete_job(job_id: str, jobs: Service, owner: Caller) -> Response:
 @router.get("/v1/models", response_model=ModelsOut, tags=["service"])
 def list_models(jobs: Service) -> ModelsOut:
     s = jobs.settings
-    moshi = [ModelOut(id=m, kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE]) for m in s.models]
-    mimi = ModelOut(id=s.mimi, kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
-    stt = ModelOut(id=s.stt_model, kind="stt", default=True, jobs=[JobKind.TRANSCRIBE])
-    tts = ModelOut(id=s.tts_model, kind="tts", default=True, jobs=[JobKind.TTS])
+    moshi = [ModelOut(id=public_name(m), kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE])
+             for m in s.models]
+    mimi = ModelOut(id=public_name(s.mimi), kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
+    stt = ModelOut(id=public_name(s.stt_model), kind="stt", default=True, jobs=[JobKind.TRANSCRIBE])
+    tts = ModelOut(id=public_name(s.tts_model), kind="tts", default=True, jobs=[JobKind.TTS])
     return ModelsOut(models=[*moshi, mimi, stt, tts])
 
 
+# Both answer from the event loop: no request, however many, can make them wait for a pool thread.
 @router.get("/healthz", tags=["service"], summary="The API process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["service"], summary="The queue and at least one worker answer")
-def readyz(jobs: Service):
-    try:
-        jobs.queue.check()
-        workers = jobs.queue.workers()
-    except QueueUnavailableError as exc:
-        return error_response(503, "queue_unavailable", str(exc), {"Retry-After": "5"})
-    if not workers:
+@router.get("/readyz", tags=["service"], summary="The queue and at least one worker answer (checked every few "
+            "seconds)")
+async def readyz(request: Request):
+    jobs = service(request)
+    ready = await jobs.readiness.get()
+    if ready.error is not None:
+        return error_response(503, "queue_unavailable", ready.error, {"Retry-After": "5"})
+    if not ready.workers:
         return error_response(503, "no_workers", f"the queue ({jobs.queue.name}) answers but no worker does: "
                               "start one with `celery -A workers worker` (see docs/deployment.md)")
-    return {"status": "ready", "queue": jobs.queue.name, "workers": workers, "pid": os.getpid(), "time": time.time()}
+    return {"status": "ready", "queue": jobs.queue.name, "workers": ready.workers, "pid": os.getpid(),
+            "checked_at": ready.checked_at}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"],

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, Field
 
-from workers.jobs import CONTENT_TYPES, Job, JobKind, JobState
+from workers.jobs import CONTENT_TYPES, Job, JobKind, JobState, public_name
 
 
 class ErrorDetail(BaseModel):
@@ -53,7 +53,9 @@ class JobOut(BaseModel):
                 queued_seconds=None if started is None else round(started - job.created_at, 3),
                 run_seconds=None if started is None or finished is None else round(finished - started, 3),
             ),
-            params=job.params, attempts=job.attempts,
+            # A local model folder is shown by its name, never by the server's path.
+            params={**job.params, **({"model": public_name(job.params["model"])} if job.params.get("model") else {})},
+            attempts=job.attempts,
             error=ErrorDetail(**job.error) if job.error else None,
             artifacts=[
                 ArtifactOut(name=name, url=f"{base}/artifacts/{name}", bytes=sizes.get(name, 0),

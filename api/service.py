@@ -17,10 +17,23 @@ from moshi_core.formats.audio import load_audio, wav_bytes
 from moshi_core.formats.pcm import SAMPLE_RATE
 from moshi_core.formats.tokens import load_tokens
 from moshi_core.params import SamplingOverrides
-from workers.errors import JobNotReadyError, JobTimeoutError
-from workers.jobs import AUDIO_INPUT, PRIMARY_ARTIFACT, TOKENS_INPUT, Job, JobKind, JobState, JobStore, new_job_id
+from workers.errors import JobNotReadyError, JobTimeoutError, QueueUnavailableError, UnknownModelError
+from workers.jobs import (
+    AUDIO_INPUT,
+    PRIMARY_ARTIFACT,
+    TOKENS_INPUT,
+    Job,
+    JobKind,
+    JobState,
+    JobStore,
+    new_job_id,
+    public_name,
+)
 from workers.queue import JobQueue
 from workers.settings import Settings
+
+READY_TTL = 3.0  # seconds a readiness answer is reused: any number of /readyz costs one probe per this
+READY_TIMEOUT = 5.0  # a probe that takes longer is reported as not ready (its thread is not started again)
 
 
 @dataclass
@@ -29,9 +42,55 @@ class Submission:
     replayed: bool  # an Idempotency-Key retry: the job an earlier identical request made
 
 
+@dataclass(frozen=True)
+class Readiness:
+    workers: list[str]
+    error: str | None  # why jobs cannot be queued now; None when the queue answers
+    checked_at: float
+
+
+class ReadinessProbe:
+    """The queue's readiness, probed in a worker thread at most once per `READY_TTL`.
+
+    Concurrent callers await the same probe, and a probe stuck past its timeout is awaited
+    again rather than joined by a second one: a burst of /readyz holds at most one thread.
+    """
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._last: Readiness | None = None
+        self._running: asyncio.Future[Readiness] | None = None
+
+    def _probe(self) -> Readiness:
+        try:
+            self.queue.check()
+            return Readiness(self.queue.workers(), None, time.time())
+        except QueueUnavailableError as exc:
+            return Readiness([], str(exc), time.time())
+
+    def _finished(self, probe: asyncio.Future[Readiness]) -> None:
+        self._running = None
+        if not probe.cancelled() and probe.exception() is None:
+            self._last = probe.result()
+
+    async def get(self) -> Readiness:
+        if self._last is not None and time.time() - self._last.checked_at < READY_TTL:
+            return self._last
+        if self._running is None:
+            self._running = asyncio.ensure_future(asyncio.to_thread(self._probe))
+            self._running.add_done_callback(self._finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), READY_TIMEOUT)
+        except TimeoutError:
+            self._last = Readiness([], f"the job queue ({self.queue.name}) did not answer within "
+                                   f"{READY_TIMEOUT:g} s: try again in a moment", time.time())
+            return self._last
+
+
 class JobService:
     def __init__(self, settings: Settings, store: JobStore, queue: JobQueue) -> None:
         self.settings, self.store, self.queue = settings, store, queue
+        self.readiness = ReadinessProbe(queue)
 
     # Inputs.
 
@@ -64,21 +123,37 @@ class JobService:
                         max_seconds: float | None) -> tuple[dict, dict]:
         """A dialogue job's record (the overrides' fields flat beside model, seed and max_seconds),
         and what was asked: its idempotency fingerprint, from before the server chose a seed or a model."""
-        asked = {"model": model, "seed": seed, **sampling.to_dict(), "max_seconds": max_seconds}
+        source = self.moshi_source(model)
+        # A model named by its public name or its source is the same request.
+        asked = {"model": source if model else None, "seed": seed, **sampling.to_dict(), "max_seconds": max_seconds}
         # The seed is chosen now and kept, so the job is reproducible and a redelivered job gives the same answer.
-        record = dict(asked, model=self.settings.check_model(model),
-                      seed=secrets.randbelow(2**31) if seed is None else seed)
+        record = dict(asked, model=source, seed=secrets.randbelow(2**31) if seed is None else seed)
         return record, asked
+
+    def moshi_source(self, model: str | None) -> str:
+        """The Moshi model a job names, by its public name (GET /v1/models) or its source."""
+        if not model:
+            return self.settings.default_model
+        for source in self.settings.models:
+            if model in (source, public_name(source)):
+                return source
+        served = ", ".join(public_name(source) for source in self.settings.models)
+        raise UnknownModelError(f"unknown model {model!r}: this server serves {served} "
+                                "(an operator adds more with MOSHI_MODELS)")
 
     # Jobs.
 
     def submit(
         self, kind: JobKind, owner: str, params: dict, files: dict[str, bytes], input_name: str,
-        idempotency_key: str | None = None, fingerprint_params: dict | None = None,
+        idempotency_key: str | None = None, fingerprint_params: dict | None = None, upload: bytes | None = None,
     ) -> Submission:
+        """Store and queue a job. With an `idempotency_key`, the key is bound to the request as it
+        was received (`upload`, the file's bytes, when the stored input is re-written from it; else
+        `files`), so a retry gets the same job; identical requests at once get one job."""
         job = Job(id=new_job_id(), kind=kind, owner=owner, params=params, input_name=input_name)
         if idempotency_key:
-            fingerprint = _fingerprint(kind, fingerprint_params or params, files)
+            received = {"upload": upload} if upload is not None else files
+            fingerprint = _fingerprint(kind, fingerprint_params or params, received)
             earlier = self.store.claim_key(owner, idempotency_key, fingerprint, job.id)
             if earlier is not None:
                 return Submission(self.store.get_for(earlier, owner), replayed=True)
@@ -92,7 +167,7 @@ class JobService:
                 raise
         except BaseException:
             if idempotency_key:
-                self.store.release_key(owner, idempotency_key)
+                self.store.release_key(owner, idempotency_key, job.id)
             raise
         return Submission(job, replayed=False)
 

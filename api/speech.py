@@ -22,7 +22,7 @@ from moshi_core.loading.catalog import DEFAULT_VOICE
 from moshi_core.loading.tts_info import TTSInfo, describe_tts
 from moshi_core.params import TTSParams
 from workers.errors import UnknownModelError
-from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, JobState
+from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, JobState, public_name
 
 from .errors import error_response
 from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted
@@ -71,8 +71,8 @@ def _info(model: str, voices: str) -> TTSInfo:
 
 def _check_model(jobs: JobService, model: str | None) -> str:
     served = jobs.settings.tts_model
-    if model not in (None, "", served, *OPENAI_MODELS):
-        raise UnknownModelError(f"unknown model {model!r}: this server speaks with {served!r}; pass that "
+    if model not in (None, "", served, public_name(served), *OPENAI_MODELS):
+        raise UnknownModelError(f"unknown model {model!r}: this server speaks with {public_name(served)!r}; pass that "
                                 f"(or one of {', '.join(OPENAI_MODELS)}) as the model")
     return served
 
@@ -83,6 +83,7 @@ async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, a
     text = " ".join(text.split())
     if not text:
         raise InvalidParameterError("the text is empty")
+    _check_markup(text, s.max_audio_seconds)
     voice = voice or DEFAULT_VOICE
     # Refused now, not by the worker once the answer has started.
     info = await asyncio.to_thread(_info, s.tts_model, s.tts_voices)
@@ -93,6 +94,18 @@ async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, a
     fingerprint = dict(params, seed=asked.seed)  # a retry without a seed is the same request
     return jobs.submit(JobKind.TTS, owner, params, {TEXT_INPUT: text.encode()}, "speech", idempotency_key,
                        fingerprint_params=fingerprint)
+
+
+def _check_markup(text: str, max_seconds: float) -> None:
+    """The `<break>` tags parsed as the worker will parse them, so a bad one is a 422 now
+    rather than a failed job, and pauses that alone pass the audio limit are refused."""
+    # Imported here: the pure-text script parser, kept out of the modules a queue-only API loads.
+    from moshi_core.inference.tts_script import split_line
+
+    pauses = sum(item for item in split_line(text) if isinstance(item, float))
+    if pauses > max_seconds:
+        raise InvalidParameterError(f"the breaks add up to {pauses:g} s of silence; the audio limit is "
+                                    f"{max_seconds:g} s: shorten them")
 
 
 @router.post("/v1/tts", status_code=202, response_model=JobOut,

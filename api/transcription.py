@@ -4,6 +4,7 @@ The OpenAI-shaped endpoint is synchronous for short files: it queues the same jo
 for it (so the API process never loads a model), then answers in the format asked for.
 """
 
+import asyncio
 import json
 from typing import Annotated, Literal
 
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from moshi_core.formats.subtitles import segments
 from moshi_core.formats.text import Word
 from workers.errors import UnknownModelError, UploadTooLargeError
-from workers.jobs import JobKind, JobState
+from workers.jobs import Job, JobKind, JobState, public_name
 
 from .errors import error_response
 from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted, read_upload, upload_name
@@ -26,9 +27,9 @@ ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 
 def _model(jobs: JobService, model: str | None) -> str:
     served = jobs.settings.stt_model
-    if model not in (None, "", served):
-        raise UnknownModelError(f"unknown model {model!r}: this server transcribes with {served!r}; pass that "
-                                "(or nothing) as the model")
+    if model not in (None, "", served, public_name(served)):
+        raise UnknownModelError(f"unknown model {model!r}: this server transcribes with "
+                                f"{public_name(served)!r}; pass that (or nothing) as the model")
     return served
 
 
@@ -41,8 +42,10 @@ def submit_transcription(
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     name = upload_name(file, "audio")
-    files, _ = jobs.audio_input(read_upload(file, jobs.settings.max_upload_bytes), name)
-    submission = jobs.submit(JobKind.TRANSCRIBE, owner, {"model": _model(jobs, model)}, files, name, idempotency_key)
+    data = read_upload(file, jobs.settings.max_upload_bytes)
+    files, _ = jobs.audio_input(data, name)
+    submission = jobs.submit(JobKind.TRANSCRIBE, owner, {"model": _model(jobs, model)}, files, name, idempotency_key,
+                             upload=data)
     return accepted(jobs, submission.job, response, submission.replayed)
 
 
@@ -59,16 +62,8 @@ async def openai_transcription(
     timestamp_granularities: Annotated[list[Literal["word", "segment"]] | None,
                                        Form(alias="timestamp_granularities[]")] = None,
 ):
-    name = upload_name(file, "audio")
-    data = read_upload(file, jobs.settings.max_upload_bytes)
-    served = _model(jobs, model)
-    files, seconds = jobs.audio_input(data, name)
-    if seconds > jobs.settings.sync_max_seconds:
-        raise UploadTooLargeError(
-            f"{name!r} is {seconds:.1f} s long; this endpoint answers at once for up to "
-            f"{jobs.settings.sync_max_seconds:g} s: submit longer files as a job with POST /v1/transcriptions"
-        )
-    job = jobs.submit(JobKind.TRANSCRIBE, owner, {"model": served}, files, name).job
+    # Decoding takes seconds for some files: never on the event loop, which serves every other request.
+    job = await asyncio.to_thread(_submit_short, jobs, owner, file, model)
     job = await jobs.wait(job.id, jobs.settings.sync_timeout_seconds)
     if job.state is not JobState.SUCCEEDED:
         error = job.error or {"code": "cancelled", "message": "the transcription was cancelled"}
@@ -81,6 +76,20 @@ async def openai_transcription(
     if response_format == "json":
         return JSONResponse({"text": transcript["text"]})
     return JSONResponse(_verbose(transcript, language, timestamp_granularities or ["segment"]))
+
+
+def _submit_short(jobs: JobService, owner: str, file: UploadFile, model: str) -> Job:
+    """The transcription job of a file short enough to answer at once."""
+    name = upload_name(file, "audio")
+    data = read_upload(file, jobs.settings.max_upload_bytes)
+    served = _model(jobs, model)
+    files, seconds = jobs.audio_input(data, name)
+    if seconds > jobs.settings.sync_max_seconds:
+        raise UploadTooLargeError(
+            f"{name!r} is {seconds:.1f} s long; this endpoint answers at once for up to "
+            f"{jobs.settings.sync_max_seconds:g} s: submit longer files as a job with POST /v1/transcriptions"
+        )
+    return jobs.submit(JobKind.TRANSCRIBE, owner, {"model": served}, files, name).job
 
 
 def _verbose(transcript: dict, language: str | None, granularities: list[str]) -> dict:

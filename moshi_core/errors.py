@@ -18,6 +18,10 @@ class AudioTooLongError(InvalidAudioError):
     """The audio is longer than the limit set for the job (a server answers 413)."""
 
 
+class AudioTooLargeError(InvalidAudioError):
+    """The audio holds more samples (rate x channels x duration) than a decode may make (413)."""
+
+
 class InvalidTokenFileError(MoshiError):
     """A Mimi token file is malformed, of an unknown version, or out of range."""
 
@@ -32,6 +36,10 @@ class CheckpointError(MoshiError):
 
 class ModelSourceError(MoshiError):
     """A model source (repo id, hf:// URI, local path) cannot be resolved or fetched."""
+
+
+class LiveInputError(MoshiError):
+    """A live caller sends more audio than can wait for the model (faster than real time)."""
 
 
 class LiveBusyError(MoshiError):

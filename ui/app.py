@@ -1,9 +1,14 @@
 """The whole server: the REST API, the live chat websocket and the Gradio page, on one model cache."""
 
+import os
+import tempfile
+
 import gradio as gr
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from api import create_api
+from api.auth import install_auth
 from api.chat import create_chat_router
 from api.live_driver import LiveDriver
 from moshi_core.engines.live import LiveEngine
@@ -12,6 +17,7 @@ from ui.dialogue import dialogue_tab
 from ui.live import live_tab
 from ui.transcribe import transcribe_tab
 from ui.tts import tts_tab
+from ui.uploads import UploadsOnly
 from workers.models import ModelCache
 from workers.settings import Settings
 
@@ -43,5 +49,12 @@ def create_app(settings: Settings) -> FastAPI:
         moshi = models.moshi(settings.default_model)
         return LiveEngine(moshi, slots=settings.live_slots or (4 if moshi.lm.device.type == "cuda" else 1))
 
-    app.include_router(create_chat_router(LiveDriver(live_engine), max_seconds=settings.live_max_seconds))
-    return gr.mount_gradio_app(app, build_ui(models), path="/")
+    app.include_router(create_chat_router(LiveDriver(live_engine), max_seconds=settings.live_max_seconds,
+                                          idle_seconds=settings.live_idle_seconds))
+    install_auth(app, settings)
+    # Uploads of this server only, in a folder of its own (Gradio's default, /tmp/gradio, is every
+    # Gradio app's on the machine): the components read the variable when they are built.
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="moshi-gradio-"))
+    return gr.mount_gradio_app(app, build_ui(models), path="/", allowed_paths=[],
+                               blocked_paths=[str(settings.storage_dir)],
+                               app_kwargs={"middleware": [Middleware(UploadsOnly)]})

@@ -24,6 +24,10 @@ from typing import Any
 from moshi_core.formats.audio import atomic_write_bytes
 
 from .errors import IdempotencyConflictError, JobNotFoundError
+from .settings import Settings
+
+CLAIM_GRACE = 15.0  # seconds a request may take from claiming an Idempotency-Key to making its job
+ORPHAN_AGE = 600.0  # a job folder without a record this old is what a process killed mid-create left
 
 
 class JobKind(str, enum.Enum):
@@ -108,6 +112,24 @@ def new_job_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+def public_name(source: str) -> str:
+    """A model source as clients see it: a local folder by its name only, never its server path."""
+    if "://" not in source and (source.startswith(("/", "~", ".")) or Path(source).exists()):
+        return Path(source).expanduser().name or source
+    return source
+
+
+def redact_paths(message: str, settings: Settings) -> str:
+    """`message` (a job's error, for its owner) without the server's storage and model folders."""
+    for source in sorted({*settings.models, settings.mimi, settings.stt_model, settings.tts_model,
+                          settings.tts_voices}, key=len, reverse=True):
+        if public_name(source) != source:
+            message = message.replace(str(Path(source).expanduser()), public_name(source))
+    for root in {str(settings.storage_dir), str(Path(settings.storage_dir).resolve())}:
+        message = message.replace(root, "<storage>")
+    return message
+
+
 def owner_of(api_key: str | None) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
 
@@ -176,16 +198,23 @@ class JobStore:
                 continue  # being created or deleted right now, or not ours
 
     def purge_expired(self, ttl_seconds: float, now: float | None = None) -> int:
-        """Delete finished jobs (and idempotency keys) older than `ttl_seconds`; returns how many jobs."""
+        """Delete finished jobs (and idempotency keys) older than `ttl_seconds`, and the folders of jobs
+        never made; returns how many jobs."""
         now = time.time() if now is None else now
         purged = 0
         for job in list(self.all()):
             if job.state.finished and (job.finished_at or job.created_at) + ttl_seconds < now:
                 self.delete(job.id)
                 purged += 1
+        for folder in self.jobs_dir.iterdir():
+            try:
+                if not (folder / "job.json").exists() and folder.stat().st_mtime + ORPHAN_AGE < now:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                continue
         for key in self.keys_dir.iterdir():
             try:
-                if key.stat().st_mtime + ttl_seconds < now:
+                if not key.name.startswith(".") and key.stat().st_mtime + ttl_seconds < now:
                     key.unlink(missing_ok=True)
             except FileNotFoundError:
                 continue
@@ -197,23 +226,60 @@ class JobStore:
     def _key_path(self, owner: str, key: str) -> Path:
         return self.keys_dir / hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
 
-    def claim_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> str | None:
-        """Bind `key` to `job_id`; or return the job an identical earlier request made."""
-        path = self._key_path(owner, key)
-        claim = path.with_name(f".{path.name}.{job_id}")
-        claim.write_text(json.dumps({"job_id": job_id, "fingerprint": fingerprint}))
+    @contextmanager
+    def _keys_locked(self) -> Iterator[None]:
+        # One lock for every key, across the API processes sharing this storage: a claim is a few file operations.
+        lock = os.open(self.keys_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            os.link(claim, path)  # atomic, and refused if the key is taken: readers never see half a record
-        except FileExistsError:
-            earlier = json.loads(path.read_text())
-            if earlier["fingerprint"] != fingerprint:
-                raise IdempotencyConflictError(
-                    "this Idempotency-Key was already used for a different request: use a new key"
-                ) from None
-            return earlier["job_id"]
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
         finally:
-            claim.unlink(missing_ok=True)
+            os.close(lock)
+
+    def _take_key(self, path: Path, fingerprint: str, job_id: str) -> str | None:
+        """Under the lock: bind the key to `job_id` (None), or the job id it is bound to."""
+        with self._keys_locked():
+            try:
+                earlier, claimed_at = json.loads(path.read_text()), path.stat().st_mtime
+            except FileNotFoundError:
+                earlier = None
+            # A claim whose job never appeared is a request that died before making it: taken over.
+            if earlier is not None and not (time.time() - claimed_at > CLAIM_GRACE and not self._made(earlier["job_id"])):
+                if earlier["fingerprint"] != fingerprint:
+                    raise IdempotencyConflictError(
+                        "this Idempotency-Key was already used for a different request: use a new key"
+                    )
+                return earlier["job_id"]
+            atomic_write_bytes(path, json.dumps({"job_id": job_id, "fingerprint": fingerprint}).encode())
+            return None
+
+    def _made(self, job_id: str) -> bool:
+        return (self.folder(job_id) / "job.json").exists()
+
+    def claim_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> str | None:
+        """Bind `key` to `job_id` (None); or the job an identical earlier request made.
+
+        An identical request still making its job is waited for (at most `CLAIM_GRACE`), so
+        concurrent identical requests all answer with one job; if it gave up (released the
+        key) or died, this request claims the key in its place.
+        """
+        path = self._key_path(owner, key)
+        deadline = time.monotonic() + CLAIM_GRACE + 1
+        while (earlier := self._take_key(path, fingerprint, job_id)) is not None:
+            if self._made(earlier):
+                return earlier
+            if time.monotonic() > deadline:
+                raise IdempotencyConflictError("a request with this Idempotency-Key is still being accepted: "
+                                               "try again in a moment")
+            time.sleep(0.05)
         return None
 
-    def release_key(self, owner: str, key: str) -> None:
-        self._key_path(owner, key).unlink(missing_ok=True)
+    def release_key(self, owner: str, key: str, job_id: str) -> None:
+        """Free the key of a request that failed, unless another request has claimed it since."""
+        path = self._key_path(owner, key)
+        with self._keys_locked():
+            try:
+                if json.loads(path.read_text())["job_id"] == job_id:
+                    path.unlink()
+            except FileNotFoundError:
+                pass

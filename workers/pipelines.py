@@ -22,7 +22,7 @@ from moshi_core.inference.stt import Transcriber
 from moshi_core.inference.tts import TTSRequest, TTSSession
 from moshi_core.params import SamplingOverrides, TTSParams
 
-from .jobs import AUDIO_INPUT, TEXT_INPUT, TOKENS_INPUT, TTS_STREAM, Job, JobKind
+from .jobs import AUDIO_INPUT, TEXT_INPUT, TOKENS_INPUT, TTS_STREAM, Job, JobKind, public_name
 from .models import ModelCache
 
 Progress = Callable[[int, int], None]
@@ -54,7 +54,7 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
     write_wav(folder / "audio.wav", result.audio)
     write_wav(folder / "stereo.wav", result.stereo)
     # batch_peak: the most dialogues (this one included) that shared this one's steps.
-    transcript = {**result.transcript(), "model": moshi.source, "seed": p["seed"], "batch_peak": result.peak_batch}
+    transcript = {**result.transcript(), "model": public_name(moshi.source), "seed": p["seed"], "batch_peak": result.peak_batch}
     atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
     codes = MimiTokens(codes=result.tokens[1:], num_samples=[result.audio.shape[-1]], codec=moshi.mimi.checkpoint_id)
     save_tokens(folder / "tokens.safetensors", codes)
@@ -65,7 +65,7 @@ def transcribe(job: Job, folder: Path, models: ModelCache, progress: Progress) -
     (transcript,) = Transcriber(models.stt()).transcribe([load_audio(folder / AUDIO_INPUT)], progress=progress)
     names = []
     for fmt, suffix in FORMATS.items():
-        text = format_transcript(transcript, fmt, model=models.settings.stt_model)
+        text = format_transcript(transcript, fmt, model=public_name(models.settings.stt_model))
         atomic_write_bytes(folder / f"transcript.{suffix}", text.encode())
         names.append(f"transcript.{suffix}")
     return names
@@ -87,7 +87,7 @@ def tts(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[
     audio = torch.cat(pieces)
     write_wav(folder / "audio.wav", audio[None])
     transcript = {"text": " ".join(text.split()), "words": [w.to_dict() for w in session.words(0)],
-                  "duration": audio.shape[-1] / SAMPLE_RATE, "model": models.settings.tts_model,
+                  "duration": audio.shape[-1] / SAMPLE_RATE, "model": public_name(models.settings.tts_model),
                   "voice": p["voice"], "seed": p["seed"]}
     atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
     return ["audio.wav", "transcript.json"]

@@ -5,6 +5,7 @@ REDIS_URL set the API only queues: nothing here loads, or imports, a model.
 """
 
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import QueueUnavailableError
 from .jobs import HEAVY_QUEUE, LIGHT_QUEUE, QUEUE_OF, Job, JobStore
@@ -12,6 +13,18 @@ from .settings import Settings
 
 if TYPE_CHECKING:  # the models are imported only where jobs run, never by an API that only queues them
     from .models import ModelCache
+
+
+POOL_TIMEOUT = 5.0  # seconds a request waits for one of Celery's pooled broker connections
+
+
+def redacted_url(url: str) -> str:
+    """A broker URL fit for a message or a log line: no password, no query (it may hold one)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")  # a lone "secret@" may be a password: not shown either
+    shown = f"{user}:***@" if user and colon else "***@" if at else ""
+    return urlunsplit((parts.scheme, shown + host, parts.path, "", ""))
 
 
 class JobQueue(Protocol):
@@ -37,32 +50,28 @@ class CeleryQueue:
 
     def __init__(self, settings: Settings) -> None:
         import redis
-        from kombu.exceptions import OperationalError
+        from kombu.exceptions import LimitExceeded, OperationalError
 
         from .celery_config import make_celery
 
         self.url = settings.redis_url
         self.app = make_celery(settings)
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
-        self._connection_errors = (OperationalError, redis.RedisError, OSError)
+        # LimitExceeded: every pooled connection stayed busy for POOL_TIMEOUT.
+        self._connection_errors = (OperationalError, LimitExceeded, redis.RedisError, OSError)
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailableError:
         return QueueUnavailableError(
-            f"the job queue (Redis at {self._safe_url()}) cannot be reached ({type(exc).__name__}); "
+            f"the job queue (Redis at {redacted_url(self.url or '')}) cannot be reached ({type(exc).__name__}); "
             "nothing was queued: try again in a moment"
         )
 
-    def _safe_url(self) -> str:
-        # Never echo a password back to a client.
-        url = self.url or ""
-        if "@" in url:
-            scheme, _, rest = url.partition("://")
-            url = f"{scheme}://***@{rest.rpartition('@')[2]}"
-        return url
-
     def submit(self, job: Job) -> None:
         try:
-            self.app.send_task("moshi.run_job", args=[job.id], queue=QUEUE_OF[job.kind], task_id=job.id)
+            # Celery's own acquire would wait for a free producer without a limit.
+            with self.app.producer_pool.acquire(block=True, timeout=POOL_TIMEOUT) as producer:
+                self.app.send_task("moshi.run_job", args=[job.id], queue=QUEUE_OF[job.kind], task_id=job.id,
+                                   producer=producer)
         except self._connection_errors as exc:
             raise self._unavailable(exc) from exc
 
@@ -80,7 +89,9 @@ class CeleryQueue:
 
     def workers(self) -> list[str]:
         try:
-            replies = self.app.control.ping(timeout=1.0)
+            # A connection of its own: the pooled ones are acquired without a time limit.
+            with self.app.connection_for_write() as connection:
+                replies = self.app.control.ping(timeout=1.0, connection=connection)
         except self._connection_errors as exc:
             raise self._unavailable(exc) from exc
         return sorted(name for reply in replies for name in reply)

@@ -15,7 +15,7 @@ import traceback
 from moshi_core.errors import MoshiError
 
 from .errors import JobCancelledError, JobNotFoundError
-from .jobs import Job, JobState, JobStore
+from .jobs import Job, JobState, JobStore, redact_paths
 from .models import ModelCache
 from .pipelines import PIPELINES
 from .settings import Settings
@@ -92,6 +92,8 @@ def execute_job(job_id: str, store: JobStore, models: ModelCache) -> None:
     except Exception as exc:  # a bug or the machine (e.g. out of memory): the job fails, the worker lives
         log.error("job %s failed:\n%s", job.id, traceback.format_exc())
         state, error = JobState.FAILED, {"code": "internal", "message": f"internal error ({type(exc).__name__}: {exc})"}
+    if error is not None:  # the owner reads it: the server's folders are no business of theirs (the log has them)
+        error["message"] = redact_paths(error["message"], models.settings)
     with store.update(job.id) as done:
         done.state, done.error, done.artifacts, done.finished_at = state, error, artifacts, time.time()
         if state is JobState.SUCCEEDED:

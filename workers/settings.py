@@ -37,12 +37,15 @@ class Settings:
     device: str = "auto"
     dtype: str = "bfloat16"
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
+    metrics_key: str | None = None  # None: /metrics takes the API keys
     max_upload_bytes: int = 100 * 2**20
     max_audio_seconds: float = 600.0
     job_ttl_seconds: float = 24 * 3600.0
     # The synchronous (OpenAI-style) endpoints take inputs up to this long, and wait this long.
     sync_max_seconds: float = 120.0
     sync_timeout_seconds: float = 600.0
+    body_timeout_seconds: float = 300.0  # a request body must arrive whole within this
+    body_idle_seconds: float = 30.0  # ... and with never this long without data
     max_attempts: int = 3  # deliveries of a job before it is given up (a job that kills its worker)
     # Dialogue jobs one worker process steps together on one model (one batched LM step per
     # frame); the in-process queue runs this many heavy jobs at once, as a threads-pool Celery
@@ -53,6 +56,7 @@ class Settings:
     visibility_timeout: float = 6 * 3600.0
     live_slots: int = 0  # live conversations at once; 0: 4 on a GPU, 1 on the CPU
     live_max_seconds: float = 300.0
+    live_idle_seconds: float = 30.0  # a live conversation with no audio this long ends
     cpu_kernels: bool = True
     gpu_step: GpuStep = "eager"
     host: str = "127.0.0.1"
@@ -182,6 +186,8 @@ VARIABLES = (
              ", ".join(DTYPE_NAMES), _choice(*DTYPE_NAMES)),
     Variable("MOSHI_API_KEYS", "api_keys", "", "keys for `Authorization: Bearer`; unset: no authentication",
              "comma-separated keys", lambda text: frozenset(_names(text))),
+    Variable("MOSHI_METRICS_KEY", "metrics_key", "", "the one key `/metrics` takes (a Prometheus bearer token); "
+             "unset: the API keys", "a key", _text),
     Variable("MOSHI_MAX_UPLOAD_MB", "max_upload_bytes", "100", "largest upload, in MB", POSITIVE,
              _positive(2**20, int)),
     Variable("MOSHI_MAX_AUDIO_SECONDS", "max_audio_seconds", "600", "longest audio accepted", POSITIVE,
@@ -192,6 +198,10 @@ VARIABLES = (
              "endpoints take", POSITIVE, _positive()),
     Variable("MOSHI_SYNC_TIMEOUT_SECONDS", "sync_timeout_seconds", "600", "how long the synchronous endpoints "
              "wait for their job", POSITIVE, _positive()),
+    Variable("MOSHI_BODY_TIMEOUT_SECONDS", "body_timeout_seconds", "300", "a request body must arrive whole "
+             "within this (408 otherwise)", POSITIVE, _positive()),
+    Variable("MOSHI_BODY_IDLE_SECONDS", "body_idle_seconds", "30", "longest pause in a request body (408 "
+             "otherwise)", POSITIVE, _positive()),
     Variable("MOSHI_MAX_ATTEMPTS", "max_attempts", "3", "starts of a job before it is given up (a job that "
              "kills its worker)", "an integer >= 1", _integer(1)),
     Variable("MOSHI_DIALOGUE_SLOTS", "dialogue_slots", "4", "dialogue jobs a process steps together on one "
@@ -202,6 +212,8 @@ VARIABLES = (
              "an integer >= 0", _integer(0)),
     Variable("MOSHI_LIVE_MAX_SECONDS", "live_max_seconds", "300", "length limit of one live conversation",
              POSITIVE, _positive()),
+    Variable("MOSHI_LIVE_IDLE_SECONDS", "live_idle_seconds", "30", "a live conversation that sends no audio "
+             "this long ends (its slot is freed)", POSITIVE, _positive()),
     Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
              "comparisons)", SWITCH, _switch),
     Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,

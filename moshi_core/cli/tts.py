@@ -68,7 +68,7 @@ def run_tts(args: argparse.Namespace) -> None:
     params = TTSParams(temp=args.temp, cfg_coef=args.cfg, seed=args.seed)
     info = describe_tts(args.model, args.voices, args.revision)  # bad input fails before the model loads
     info.check_cfg(args.cfg)
-    info.voices.path(args.voice)
+    info.voices.path(args.voice, allow_paths=True)
     model = load_tts(args.model, voices=args.voices, device=resolve_device(args.device),
                      dtype=parse_dtype(args.dtype), revision=args.revision)
     rate = model.mimi.frame_rate
@@ -77,7 +77,7 @@ def run_tts(args: argparse.Namespace) -> None:
         if not args.quiet and step % 25 == 0:
             print(f"tts: {step / rate:.1f} s of speech generated", file=sys.stderr, flush=True)
 
-    result = synthesize(model, [TTSRequest(text, args.voice, params)], on_step=progress)[0]
+    result = synthesize(model, [TTSRequest(text, args.voice, params, allow_voice_paths=True)], on_step=progress)[0]
     write_wav(args.output, result.pcm[None])
     if args.words:
         words = {"text": text, "words": [w.to_dict() for w in result.words]}

@@ -9,6 +9,11 @@ conversation's slot is reset (LM, Mimi, its sampling generator) on its first ste
 nothing of the previous caller remains. A conversation starts with its first frame: until
 then its slot idles like the free ones.
 
+One conversation's failure is its own: a bad frame, or a seed or parameter its slot cannot be
+configured with, ends that conversation (its `LiveFrame.error`) and no other; its slot is not
+stepped again until it is closed. Only a failure of the batched compute itself (a bug, the
+machine) reaches every conversation, as the exception `step` raises.
+
 First frame, as Kyutai's server does: the LM ignores the user codes of a
 conversation's first step and returns no frame; the slot's Mimi state is then reset, so the
 second frame is encoded from a fresh codec state and becomes the model's first frame.
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 
 from moshi_core.engines.slots import SlotTable
-from moshi_core.errors import InvalidParameterError, LiveBusyError
+from moshi_core.errors import LiveBusyError
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
 from moshi_core.loading.registry import MoshiModels
@@ -37,6 +42,7 @@ class LiveFrame:
 
     audio: np.ndarray | None  # Moshi's next 1920 samples (float32, 24 kHz); None on the first step
     text: str  # the text piece of this step ("" for padding), word starts as a leading space
+    error: str | None = None  # the conversation failed and ends: why (audio None, text "")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class _Conversation:
     sampling: SamplingParams
     seed: int | None
     steps: int = 0
+    failed: bool = False  # ended by its own error: never stepped again
 
 
 class LiveEngine:
@@ -87,21 +94,26 @@ class LiveEngine:
         (float32, 24 kHz; missing or None is silence, or no start yet). Returns the `LiveFrame`
         of each conversation that has started."""
         mimi, lm = self.models.mimi, self.models.lm
-        for slot in self.open_slots:
-            frame = frames.get(slot)
-            if frame is not None and np.shape(frame) != (self.frame_size,):
-                raise InvalidParameterError(f"a live frame is {self.frame_size} samples, got {np.shape(frame)}")
+        live = [(s, c) for s, c in self._table.occupied() if not c.failed]
+        failures = {slot: self._frame_problem(frames.get(slot)) for slot, _ in live}
+        results = {slot: self._fail(slot, problem) for slot, problem in failures.items() if problem}
         # A conversation starts with its first frame: until then its slot idles like a free one.
-        joining = [s for s, c in self._table.occupied() if c.steps == 0 and frames.get(s) is not None]
-        stepped = [s for s, c in self._table.occupied() if c.steps > 0 or s in joining]
+        joining = [s for s, c in live if c.steps == 0 and frames.get(s) is not None and s not in results]
+        with torch.inference_mode():
+            for slot in joining:
+                try:  # one by one: a seed or parameter that cannot be set ends its own conversation only
+                    self._table.join([slot], self._lm_state, self._mimi_state)
+                except Exception as exc:  # noqa: BLE001 (whatever it is, it is this caller's alone)
+                    results[slot] = self._fail(slot, f"cannot start the conversation: {exc}")
+        joining = [s for s in joining if s not in results]
+        stepped = [s for s, c in live if (c.steps > 0 or s in joining) and s not in results]
         if not stepped:
-            return {}
+            return results
         wav = torch.zeros(len(stepped), 1, self.frame_size)
         for i, slot in enumerate(stepped):
             if frames.get(slot) is not None:
                 wav[i, 0] = torch.from_numpy(np.asarray(frames[slot], dtype=np.float32))
         with torch.inference_mode():
-            self._table.join(joining, self._lm_state, self._mimi_state)
             lm_rows, mimi_rows = self._table.rows(stepped, lm.device), self._table.rows(stepped, mimi.device)
             codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams, mimi_rows)
             out = self.generator.step(codes.to(lm.device), self._lm_state, lm_rows)  # [A, 1 + dep_q]
@@ -111,11 +123,23 @@ class LiveEngine:
                 self._mimi_state.reset(self._table.mask(joining).to(mimi.device))  # the next frame is encoded afresh
         pcm = audio[:, 0].float().cpu().numpy()
         text_tokens = out[:, 0].tolist()
-        results = {}
         for i, slot in enumerate(stepped):
             self._table[slot].steps += 1
             results[slot] = LiveFrame(audio=None if slot in joining else pcm[i], text=self._piece(text_tokens[i]))
         return results
+
+    def _frame_problem(self, frame: np.ndarray | None) -> str | None:
+        if frame is None:
+            return None
+        if np.shape(frame) != (self.frame_size,):
+            return f"a live frame is {self.frame_size} samples, got {np.shape(frame)}"
+        if not np.isfinite(frame).all():
+            return "a live frame holds NaN or infinite samples"
+        return None
+
+    def _fail(self, slot: int, message: str) -> LiveFrame:
+        self._table[slot].failed = True
+        return LiveFrame(audio=None, text="", error=message)
 
     def _piece(self, token: int) -> str:
         if token in self._skip:

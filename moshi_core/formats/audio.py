@@ -14,7 +14,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from moshi_core.errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
+from moshi_core.errors import AudioTooLargeError, AudioTooLongError, InvalidAudioError, InvalidParameterError
 from moshi_core.formats.pcm import SAMPLE_RATE, float_to_pcm16, pcm16_to_float
 
 SUPPORTED_FORMATS = "wav, flac, ogg/opus, mp3"
@@ -32,13 +32,22 @@ _FFMPEG_SUBTYPES = frozenset({"OPUS"})
 # exact check after decoding still applies the limit itself.
 _HEADER_DURATION_SLACK = 1.02
 
+# Decoding costs rate x channels x duration, not duration: a few seconds at 655 kHz on 8
+# channels cost as much as an hour of speech. Each second of the duration limit buys this
+# many samples (8 channels at 48 kHz), counted from the header before decoding and again
+# while decoding, since a header can lie.
+SAMPLES_PER_LIMIT_SECOND = 8 * 48_000
+_BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time, mixed down to mono at once
+
 
 def load_audio(source: AudioSource, *, max_seconds: float | None = None, label: str | None = None) -> torch.Tensor:
     """Decode `source` (a path, or a file's content as bytes) to float32 mono 24 kHz, shape [1, T].
 
     `label` names the input in error messages (e.g. an uploaded file's name).
     Raises `InvalidAudioError` when the input is missing, empty, not audio, without samples,
-    holds NaN/inf, or is longer than `max_seconds`.
+    holds NaN/inf, or is longer than `max_seconds`; `AudioTooLargeError` when it holds more
+    samples (rate x channels x duration) than `max_seconds` allows (`SAMPLES_PER_LIMIT_SECOND`).
+    The input is mixed down to mono as it is decoded, so memory grows with its duration only.
     """
     if max_seconds is not None and not max_seconds > 0:
         raise InvalidParameterError(f"max_seconds must be positive, got {max_seconds}")
@@ -51,15 +60,12 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None, label: 
 
     _check_wav_header(source, name, max_seconds)
     decoded = _decode_soundfile(source, name, max_seconds)
-    samples, rate = decoded if decoded is not None else _decode_pyav(source, name, max_seconds)
+    mono, rate = decoded if decoded is not None else _decode_pyav(source, name, max_seconds)
 
-    if samples.shape[0] == 0:
-        raise InvalidAudioError(f"{name} contains no audio samples")
-    if not np.isfinite(samples).all():
-        raise InvalidAudioError(f"{name} contains NaN or infinite samples")
-    mono = samples.mean(axis=1, dtype=np.float32)
-    if rate != SAMPLE_RATE:
+    if rate != SAMPLE_RATE and mono.shape[0]:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if mono.shape[0] == 0:  # after resampling too: one sample at 96 kHz is none at 24 kHz
+        raise InvalidAudioError(f"{name} contains no audio samples")
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
 
 
@@ -151,6 +157,32 @@ def _too_long(name: str, seconds: float, max_seconds: float) -> AudioTooLongErro
     return AudioTooLongError(f"{name} is {seconds:.1f} s long; the limit is {max_seconds:g} s")
 
 
+class _Budget:
+    """Counts the samples (frames x channels) a decode makes against what `max_seconds` allows."""
+
+    def __init__(self, name: str, max_seconds: float | None) -> None:
+        self.name = name
+        self.max_seconds = max_seconds
+        self.limit = None if max_seconds is None else max_seconds * SAMPLES_PER_LIMIT_SECOND
+
+    def check(self, rate: int, channels: int, seconds: float, *, announced: bool = False) -> None:
+        if self.limit is None or rate * channels * seconds <= self.limit:
+            return
+        what = "announces" if announced else "holds at least"
+        raise AudioTooLargeError(
+            f"{self.name} {what} {rate * channels * seconds / 1e6:,.1f} million samples ({rate} Hz x {channels} "
+            f"channels x {seconds:.1f} s); the limit is {self.limit / 1e6:,.1f} million ({self.max_seconds:g} s "
+            "of 8-channel 48 kHz audio): send it at a lower sample rate or with fewer channels"
+        )
+
+
+def _mono_block(block: np.ndarray, name: str) -> np.ndarray:
+    """[frames, channels] float32 -> [frames] mono, refusing NaN/inf."""
+    if not np.isfinite(block).all():
+        raise InvalidAudioError(f"{name} contains NaN or infinite samples")
+    return block.mean(axis=1, dtype=np.float32)
+
+
 def _check_wav_header(source: AudioSource, name: str, max_seconds: float | None) -> None:
     """Refuse a WAV whose header announces more than the limit, or more than the file holds.
 
@@ -205,16 +237,23 @@ def _open_binary(source: AudioSource, name: str) -> BinaryIO:
 def _decode_soundfile(
     source: AudioSource, name: str, max_seconds: float | None
 ) -> tuple[np.ndarray, int] | None:
-    """Decode with libsndfile: float32 [frames, channels] and the rate, or None to use FFmpeg."""
+    """Decode with libsndfile: float32 mono [frames] and the rate, or None to use FFmpeg."""
+    budget = _Budget(name, max_seconds)
     with _open_binary(source, name) as f:
         try:
             with sf.SoundFile(f) as snd:
                 if snd.format in _FFMPEG_FORMATS or snd.subtype in _FFMPEG_SUBTYPES:
                     return None
-                rate = snd.samplerate
+                rate, channels = snd.samplerate, snd.channels
                 if max_seconds is not None and snd.frames / rate > max_seconds:
                     raise _too_long(name, snd.frames / rate, max_seconds)
-                return snd.read(dtype="float32", always_2d=True), rate
+                budget.check(rate, channels, snd.frames / rate, announced=True)
+                blocks, total = [], 0
+                for block in snd.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                    total += block.shape[0]
+                    budget.check(rate, channels, total / rate)
+                    blocks.append(_mono_block(block, name))
+                return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), rate
         except sf.SoundFileError:
             return None  # not a format libsndfile knows (or a build without it)
 
@@ -222,7 +261,7 @@ def _decode_soundfile(
 def _decode_pyav(
     source: AudioSource, name: str, max_seconds: float | None
 ) -> tuple[np.ndarray, int]:
-    """Decode with FFmpeg; returns samples as float32 [frames, channels] and the rate."""
+    """Decode with FFmpeg; returns float32 mono [frames] and the rate."""
     # A file object rather than a path string, so FFmpeg never reads a name such as
     # "http://..." or "concat:..." as a protocol.
     with _open_binary(source, name) as f:
@@ -237,6 +276,7 @@ def _decode_pyav(
 def _decode_container(
     f: BinaryIO, name: str, max_seconds: float | None
 ) -> tuple[np.ndarray, int]:
+    budget = _Budget(name, max_seconds)
     with av.open(f, mode="r") as container:
         if not container.streams.audio:
             raise InvalidAudioError(
@@ -244,36 +284,47 @@ def _decode_container(
                 "(FFmpeg found no audio stream in it)"
             )
         stream = container.streams.audio[0]
-        if max_seconds is not None:
-            header_seconds = _header_seconds(container, stream)
-            if header_seconds is not None and header_seconds > max_seconds * _HEADER_DURATION_SLACK:
+        if stream.codec_context is None:  # a header naming no codec FFmpeg knows
+            raise InvalidAudioError(
+                f"could not decode {name} as audio: supported formats are {SUPPORTED_FORMATS} "
+                "(its audio stream has no known codec)"
+            )
+        header_seconds = _header_seconds(container, stream)
+        if max_seconds is not None and header_seconds is not None:
+            if header_seconds > max_seconds * _HEADER_DURATION_SLACK:
                 raise _too_long(name, header_seconds, max_seconds)
+            budget.check(stream.sample_rate, stream.channels, header_seconds, announced=True)
 
         resampler = av.AudioResampler(format="fltp")  # keeps rate and layout, makes float planar
         chunks: list[np.ndarray] = []
         rate = 0
         total = 0
+
+        def add(out: av.AudioFrame) -> None:
+            nonlocal rate, total
+            rate = rate or out.sample_rate
+            planar = out.to_ndarray()  # [channels, n]
+            total += planar.shape[1]
+            budget.check(rate, planar.shape[0], total / rate)
+            chunks.append(_mono_block(planar.T, name))
+
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
-                rate = rate or out.sample_rate
-                chunk = out.to_ndarray()
-                chunks.append(chunk)
-                total += chunk.shape[1]
+                add(out)
             if max_seconds is not None and rate and total > max_seconds * rate:
                 # No usable header duration: stop at the limit rather than decode it all.
                 raise AudioTooLongError(
                     f"{name} is more than {max_seconds:g} s long; the limit is {max_seconds:g} s"
                 )
         for out in resampler.resample(None):
-            rate = rate or out.sample_rate
-            chunks.append(out.to_ndarray())
+            add(out)
 
     if not chunks:
-        return np.zeros((0, 1), dtype=np.float32), rate or SAMPLE_RATE
-    samples = np.concatenate(chunks, axis=1).T
-    if max_seconds is not None and samples.shape[0] > max_seconds * rate:
-        raise _too_long(name, samples.shape[0] / rate, max_seconds)
-    return samples, rate
+        return np.zeros(0, dtype=np.float32), rate or SAMPLE_RATE
+    mono = np.concatenate(chunks)
+    if max_seconds is not None and mono.shape[0] > max_seconds * rate:
+        raise _too_long(name, mono.shape[0] / rate, max_seconds)
+    return mono, rate
 
 
 def _header_seconds(

@@ -67,8 +67,9 @@ class TTSConfig:
 @dataclass
 class TTSRequest:
     text: str | list[str]  # a text, or the turns of a dialogue (main speaker first)
-    voice: str | None = None  # a voice name, hf:// URI or local .safetensors (None: the default)
+    voice: str | None = None  # a voice name or hf:// URI of the voice repo (None: the default)
     params: TTSParams = field(default_factory=TTSParams)
+    allow_voice_paths: bool = False  # also local .safetensors and any hf:// URI: the CLI's own user
 
     def turns(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
@@ -222,8 +223,8 @@ class TTSSession:
     def _voices(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each request's voice -> [B, speakers * T, dim] and its mask [B, speakers * T]."""
         model = self.model
-        rows = [speakers_tensor([load_voice(model.voices.path(r.voice or DEFAULT_VOICE))],
-                                model.config.max_speakers, dim) for r in self.requests]
+        paths = [model.voices.path(r.voice or DEFAULT_VOICE, allow_paths=r.allow_voice_paths) for r in self.requests]
+        rows = [speakers_tensor([load_voice(p)], model.config.max_speakers, dim) for p in paths]
         length = max(t.shape[0] for t, _ in rows)
         tensor = torch.zeros(len(rows), length, dim)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)

@@ -10,6 +10,7 @@ Downloads go through `huggingface_hub`, so its cache (`HF_HOME`, `HF_HUB_CACHE`)
 """
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,11 @@ MIMI_FILENAMES = (
     "mimi-pytorch-e351c8d8@125.safetensors",  # STT repos (the same bytes)
 )
 DEFAULT_MIMI_SOURCE = DEFAULT_MODEL_REPO
+# What the Hub allows: letters, digits, '-', '_', '.', at most 96, not starting or ending
+# with '-' or '.', no '--' or '..' (a name must never walk out of the cache's folders).
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # a branch, tag or commit
+_FILE_PART = re.compile(r"(?!\.{1,2}$)[^\\\x00-\x1f]+")  # a folder or file name of the repo
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,13 @@ def parse_source(source: str | os.PathLike, revision: str | None = None) -> Mode
     if not text:
         raise ModelSourceError("empty model source: give a Hugging Face repo id, an hf:// URI or a local path")
     if text.startswith("hf://"):
-        parts = text[len("hf://"):].strip("/").split("/")
+        parts = text[len("hf://"):].split("/")
         if len(parts) < 2:
             raise ModelSourceError(f"{text!r}: an hf:// URI is hf://OWNER/REPO[@REVISION][/FILE]")
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        if filename is not None and not all(_FILE_PART.fullmatch(p) for p in parts[2:]):
+            raise ModelSourceError(f"{text!r}: the file part must be a path inside the repo, without empty, "
+                                   "'.' or '..' parts")
     else:
         path = Path(text).expanduser()
         if path.exists():
@@ -61,7 +70,12 @@ def parse_source(source: str | os.PathLike, revision: str | None = None) -> Mode
         repo, filename = text, None
     if "@" in repo:
         repo, pinned = repo.split("@", 1)
+        if not _REVISION.fullmatch(pinned):
+            raise ModelSourceError(f"{text!r}: {pinned!r} is not a revision (a branch, tag or commit hash)")
         revision = revision or pinned
+    if not all(_HUB_NAME.fullmatch(p) for p in repo.split("/")):
+        raise ModelSourceError(f"{text!r}: {repo!r} is not a Hugging Face repo id: OWNER/REPO, each of letters, "
+                               "digits, '-', '_' and '.' (at most 96, no '--' or '..')")
     return ModelSource(repo_id=repo, filename=filename, revision=revision)
 
 

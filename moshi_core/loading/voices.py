@@ -3,9 +3,11 @@
 A voice is a safetensors file holding `speaker_wavs` [1, 512, T] (10 s of Mimi latents at
 12.5 Hz), named `<voice>.<sig>@<epoch>.safetensors`, where `sig@epoch` is the `model_id` of
 the TTS model it was made for (`.1e68beda@240.safetensors` for `kyutai/tts-1.6b-en_fr`).
-A voice is asked for by its name in the voice repo (`expresso/ex03-ex01_happy_001_channel1_334s.wav`),
-by an `hf://OWNER/REPO/FILE` URI, or by a local `.safetensors` path. The voice repo itself
-can be a Hub repo id or a local folder with the same layout.
+A voice is asked for by its name in the voice repo (`expresso/ex03-ex01_happy_001_channel1_334s.wav`)
+or by an `hf://OWNER/REPO/FILE` URI inside that repo; the machine's own user (the CLI,
+`allow_paths`) may also name any hf:// URI or a local `.safetensors` path. A request from
+elsewhere never makes the server read a file of its choosing or fetch a repo of its choosing.
+The voice repo itself can be a Hub repo id or a local folder with the same layout.
 """
 
 import os
@@ -16,7 +18,7 @@ import torch
 
 from moshi_core.errors import CheckpointError, InvalidParameterError, ModelSourceError
 from moshi_core.loading.files import read_safetensors
-from moshi_core.loading.hub import parse_source, resolve_file
+from moshi_core.loading.hub import ModelSource, parse_source, resolve_file
 
 
 @dataclass(frozen=True)
@@ -26,29 +28,52 @@ class VoiceRepo:
     source: str
     suffix: str
 
-    def path(self, voice: str) -> Path:
-        """The local file of a voice, downloaded into the HF cache if needed."""
+    def path(self, voice: str, *, allow_paths: bool = False) -> Path:
+        """The local file of a voice, downloaded into the HF cache if needed.
+
+        `allow_paths`: also any hf:// URI and local `.safetensors` files, for the machine's own
+        user (the CLI); without it only voices of this repo are found.
+        """
         voice = voice.strip()
         if not voice:
             raise InvalidParameterError("empty voice name")
         if voice.startswith("hf://"):
-            return resolve_file(voice, [])
-        if voice.endswith(".safetensors") and Path(voice).expanduser().is_file():
+            return self._hub_voice(voice, allow_paths)
+        if allow_paths and voice.endswith(".safetensors") and Path(voice).expanduser().is_file():
             return Path(voice).expanduser()
-        if ".." in Path(voice).parts or voice.startswith("/"):
-            raise InvalidParameterError(f"voice {voice!r}: give a name inside the voice repo")
+        if not voice.isprintable() or voice.startswith(("/", "~")) or "\\" in voice or any(p in ("", ".", "..") for p in voice.split("/")):
+            raise InvalidParameterError(f"voice {voice!r}: give the name of a voice of the voice repo (see the voice list)")
         parsed = parse_source(self.source)
         name = voice if voice.endswith(self.suffix) else voice + self.suffix
         if parsed.local is not None:
             path = parsed.local / name
             if not path.is_file():
-                raise InvalidParameterError(f"unknown voice {voice!r}: {path} does not exist (see the voice list)")
+                raise InvalidParameterError(f"unknown voice {voice!r}: the voice repo has no {name} (see the voice list)")
             return path
+        return self._fetch(voice, parsed, name)
+
+    def _hub_voice(self, voice: str, allow_paths: bool) -> Path:
         try:
-            return resolve_file(f"hf://{parsed.repo_id}/{name}", [], parsed.revision)
+            asked = parse_source(voice)
+        except ModelSourceError as exc:
+            raise InvalidParameterError(f"voice {exc}; give a name of the voice list, or an hf:// URI inside "
+                                        "the voice repo") from exc
+        if allow_paths:
+            return resolve_file(voice, [])
+        repo = parse_source(self.source)
+        if repo.local is not None or asked.repo_id != repo.repo_id or not asked.filename:
+            raise InvalidParameterError(f"voice {voice!r}: only voices of this server's voice repo are offered; "
+                                        "give a name from the voice list")
+        return self._fetch(voice, ModelSource(repo_id=repo.repo_id, revision=asked.revision or repo.revision),
+                           asked.filename)
+
+    @staticmethod
+    def _fetch(voice: str, repo: ModelSource, name: str) -> Path:
+        try:
+            return resolve_file(f"hf://{repo.repo_id}/{name}", [], repo.revision)
         except ModelSourceError as exc:
             if "has none of" in str(exc):
-                raise InvalidParameterError(f"unknown voice {voice!r}: {parsed.repo_id} has no {name}") from exc
+                raise InvalidParameterError(f"unknown voice {voice!r}: {repo.repo_id} has no {name}") from exc
             raise
 
     def names(self) -> list[str]:

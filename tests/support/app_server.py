@@ -44,4 +44,8 @@ def serve_app(mimi_checkpoint: Path, tiny_moshi: Path, **env: str) -> Iterator[s
             yield url
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a stuck server must not outlive its test
+                proc.kill()
+                proc.wait()

@@ -138,11 +138,12 @@ def test_only_conversations_in_progress_are_stepped(models, speech):
     assert engine._lm_state.offsets.tolist() == [STEPS, 0, 0]
 
 
-def test_a_frame_of_the_wrong_size_is_refused(models):
+def test_a_frame_of_the_wrong_size_ends_its_conversation(models):
     engine = LiveEngine(models, slots=1)
     slot = engine.open()
-    with pytest.raises(InvalidParameterError, match="1920 samples"):
-        engine.step({slot: np.zeros(960, np.float32)})
+    out = engine.step({slot: np.zeros(960, np.float32)})
+    assert "1920 samples" in out[slot].error and out[slot].audio is None
+    assert engine.step({slot: np.zeros(1920, np.float32)}) == {}  # ended: never stepped again
 
 
 @dataclass

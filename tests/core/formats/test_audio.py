@@ -94,7 +94,7 @@ def test_mp3_decodes_without_decoder_delay(shared_audio: Path) -> None:
     path = shared_audio / "fr_human_intro.mp3"
     ffmpeg, rate = audio._decode_pyav(path, "mp3", None)
     with sf.SoundFile(str(path)) as snd:
-        reference = snd.read(dtype="float32", always_2d=True)
+        reference = snd.read(dtype="float32", always_2d=True).mean(axis=1)  # the decoders mix down to mono
         assert rate == snd.samplerate
     assert ffmpeg.shape == reference.shape
     assert np.abs(ffmpeg - reference).max() < 1e-4
