@@ -184,7 +184,8 @@ VARIABLES = (
              "auto, cpu, cuda or cuda:N", _device),
     Variable("MOSHI_DTYPE", "dtype", "bfloat16", "weights and compute of the language models",
              ", ".join(DTYPE_NAMES), _choice(*DTYPE_NAMES)),
-    Variable("MOSHI_API_KEYS", "api_keys", "", "keys for `Authorization: Bearer`; unset: no authentication",
+    Variable("MOSHI_API_KEYS", "api_keys", "", "the keys every door but /healthz, /readyz and /login needs "
+             "(see docs/security.md); unset: no authentication",
              "comma-separated keys", lambda text: frozenset(_names(text))),
     Variable("MOSHI_METRICS_KEY", "metrics_key", "", "the one key `/metrics` takes (a Prometheus bearer token); "
              "unset: the API keys", "a key", _text),

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import soundfile as sf
-from servers import REPO_DIR, start_api, wait_until
+from servers import REPO_DIR, running_api, wait_until
 from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e  # real servers
@@ -25,14 +25,8 @@ def server(tmp_path_factory, tiny_tts):  # noqa: F811
     env = {**os.environ, "MOSHI_TTS_MODEL": str(folder), "MOSHI_TTS_VOICES": str(voices), "MOSHI_DTYPE": "float32",
            "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "MOSHI_STORAGE_DIR": str(root / "storage"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_DIR)}
-    api, url = start_api(env, root)
-    try:
+    with running_api(env, root) as url:
         yield url
-    except BaseException:
-        print(api.output())
-        raise
-    finally:
-        api.stop()
 
 
 def test_openai_client_gets_speech_streamed_while_it_is_generated(server):

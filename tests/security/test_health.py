@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from servers import REPO_DIR, Redis, free_port, start_api, start_worker, wait_until
+from servers import REPO_DIR, Redis, free_port, running_api, start_api, start_worker, wait_until
 
 from workers.queue import redacted_url
 from workers.settings import Settings
@@ -138,14 +138,8 @@ def embedded_api(tmp_path_factory, env):
     root = tmp_path_factory.mktemp("embedded")
     env = {**env, "MOSHI_STORAGE_DIR": str(root / "storage"), "MOSHI_BODY_IDLE_SECONDS": "1",
            "MOSHI_BODY_TIMEOUT_SECONDS": "3", "MOSHI_SYNC_MAX_SECONDS": "30"}
-    api, url = start_api(env, root)
-    try:
+    with running_api(env, root) as url:
         yield url
-    except BaseException:
-        print(api.output())
-        raise
-    finally:
-        api.stop()
 
 
 def _healthz_while(url: str, request) -> list[float]:

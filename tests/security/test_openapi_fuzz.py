@@ -13,7 +13,7 @@ import tempfile
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from servers import REPO_DIR, start_api
+from servers import REPO_DIR, running_api
 
 from api import create_api
 from workers.settings import Settings
@@ -37,14 +37,8 @@ def api_url(tmp_path_factory, mimi_checkpoint, tiny_moshi):
         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_DIR), "MOSHI_STORAGE_DIR": str(root / "storage"),
         "MOSHI_API_KEYS": f"{KEY},keyB",
     })
-    api, url = start_api(env, root)
-    try:
+    with running_api(env, root) as url:
         yield url
-    except BaseException:
-        print(api.output())
-        raise
-    finally:
-        api.stop()
 
 
 # The spec is built from the app at collection time (the same code the server runs; building

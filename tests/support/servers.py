@@ -1,5 +1,6 @@
 """Real servers for the API tests: redis-server, `python -m api`, `celery -A workers worker`."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -116,6 +118,19 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Pr
 
     wait_until(up, 60, "the API to start")
     return proc, url
+
+
+@contextlib.contextmanager
+def running_api(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """`start_api` for the length of a block: yields its URL, prints its log if the block fails."""
+    api, url = start_api(env, log_dir)
+    try:
+        yield url
+    except BaseException:
+        print(api.output())
+        raise
+    finally:
+        api.stop()
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str, concurrency: int = 1, pool: str = "prefork") -> Process:
