@@ -1,7 +1,7 @@
 # The two commands of the README's quick start:
 #   make run    set up a virtualenv and start the app (http://127.0.0.1:7860)
 #   make test   set up a virtualenv with the test oracle and run the whole suite
-#   make test-fast  the same set-up, then the suite without its end-to-end tests (`-m "not e2e"`)
+#   make test-fast  the same set-up, then the suite without its end-to-end and long tests (under 3 minutes)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -60,7 +60,7 @@ test: setup-test
 	$(PY) -m pytest -q
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # One table, ours beside the reference; `make bench BENCH_ARGS=--quick` skips the full 7B.
 bench: setup-test

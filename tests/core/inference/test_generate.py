@@ -93,6 +93,7 @@ def test_reset_starts_a_new_conversation_in_one_slot(pair):
     assert torch.equal(both[:, :1], old)
 
 
+@pytest.mark.slow  # 4000 steps
 def test_conversation_past_the_context_keeps_going():
     """4000 steps (> 5 minutes of audio) at a tiny config with a 16-step context."""
     cfg = LMConfig.from_dict(dict(REDUCED_7B, dim=16, num_heads=1, context=16, depformer_dim=8, depformer_num_heads=1,
