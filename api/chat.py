@@ -9,7 +9,8 @@ Every message is binary, its first byte the kind:
   instead, any length in, one 1920-sample frame (80 ms) per message out;
 - `0x02` text (server -> client): Moshi's next text piece, UTF-8;
 - `0x05` error (server -> client), then the socket closes: a bad query argument, every
-  slot busy, the time limit reached, no audio for `idle_seconds`, a message of more than
+  slot busy or the caller's API key holding its `max_per_key` conversations already (both
+  close with 1013, "try again later"), the time limit reached, no audio for `idle_seconds`, a message of more than
   `MAX_MESSAGE_BYTES`, audio sent faster than real time (see `LiveDriver`), the
   conversation's own failure.
 
@@ -22,6 +23,7 @@ Kyutai's Python server does. `GET /api/chat/stats` counts frames per conversatio
 """
 
 import asyncio
+import collections
 import dataclasses
 import math
 import statistics
@@ -183,14 +185,32 @@ def _percentile_ms(values: list[float], q: int) -> float | None:
     return round(statistics.quantiles(values, n=100)[q - 1] * 1000, 2)
 
 
-def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: float = 30.0) -> APIRouter:
+def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: float = 30.0,
+                       max_per_key: int = 1) -> APIRouter:
     """The websocket, its stats and the browser client's files; `max_seconds` per conversation,
-    which ends after `idle_seconds` without audio."""
+    which ends after `idle_seconds` without audio; at most `max_per_key` open at once per API
+    key (the one `KeyGuard` found; without keys there is no such limit)."""
     router = APIRouter(tags=["live"])
+    open_per_key: collections.Counter[str] = collections.Counter()
 
     @router.websocket("/api/chat")
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
+        key = ws.scope.get("state", {}).get("api_key", "")
+        if key and open_per_key[key] >= max_per_key:
+            await _end(ws, f"busy: this API key already has {open_per_key[key]} conversation(s) open, the most "
+                           "one key may hold at once; end one and try again", 1013)
+            return
+        # Checked and counted with no await between: two sockets of one key cannot both pass.
+        open_per_key[key] += 1
+        try:
+            await _serve(ws)
+        finally:
+            open_per_key[key] -= 1
+            if not open_per_key[key]:
+                del open_per_key[key]
+
+    async def _serve(ws: WebSocket) -> None:
         try:
             engine = await driver.engine()
             sampling, seed, codec_name = parse_session_args(ws.query_params, engine.sampling)

@@ -25,6 +25,7 @@ from workers.errors import (
     JobNotReadyError,
     JobTimeoutError,
     QueueUnavailableError,
+    QuotaExceededError,
     UnknownModelError,
     UploadTooLargeError,
 )
@@ -47,6 +48,7 @@ STATUS = [
     (InvalidTokenFileError, 422, "invalid_token_file"),
     (InvalidParameterError, 422, "invalid_parameter"),
     (UnknownModelError, 422, "unknown_model"),
+    (QuotaExceededError, 429, "quota_exceeded"),
     (QueueUnavailableError, 503, "queue_unavailable"),
     (JobTimeoutError, 504, "timeout"),
     (ModelSourceError, 503, "model_unavailable"),
@@ -70,6 +72,8 @@ def _moshi_error(request: Request, exc: MoshiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 503:
         headers = {"Retry-After": "5"}
+    if isinstance(exc, QuotaExceededError):
+        headers = {"Retry-After": str(exc.retry_after)}
     return error_response(status, code, str(exc), headers)
 
 

@@ -17,7 +17,7 @@ from .metrics import render_metrics
 from .schemas import ErrorOut, JobOut, ModelOut, ModelsOut, content_type
 from .service import JobService
 
-ERRORS = {status: {"model": ErrorOut} for status in (401, 404, 409, 413, 422, 503)}
+ERRORS = {status: {"model": ErrorOut} for status in (401, 404, 408, 409, 413, 422, 429, 503)}
 router = APIRouter(responses=ERRORS)
 
 

@@ -8,6 +8,7 @@ parameters are bounded. A worker is then only ever given input it can process.
 import asyncio
 import hashlib
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ from moshi_core.formats.audio import load_audio, wav_bytes
 from moshi_core.formats.pcm import SAMPLE_RATE
 from moshi_core.formats.tokens import load_tokens
 from moshi_core.params import SamplingOverrides
-from workers.errors import JobNotReadyError, JobTimeoutError, QueueUnavailableError, UnknownModelError
+from workers.errors import (
+    JobNotReadyError,
+    JobTimeoutError,
+    QueueUnavailableError,
+    QuotaExceededError,
+    UnknownModelError,
+)
 from workers.jobs import (
     AUDIO_INPUT,
     PRIMARY_ARTIFACT,
@@ -34,6 +41,7 @@ from workers.settings import Settings
 
 READY_TTL = 3.0  # seconds a readiness answer is reused: any number of /readyz costs one probe per this
 READY_TIMEOUT = 5.0  # a probe that takes longer is reported as not ready (its thread is not started again)
+QUOTA_RETRY_AFTER = 10  # seconds a caller over its job limit is told to wait: long enough for a short job to end
 
 
 @dataclass
@@ -159,7 +167,9 @@ class JobService:
                 return Submission(self.store.get_for(earlier, owner), replayed=True)
         try:
             self.queue.check()
-            self.store.create(job, files)
+            with self.store.owner_locked(owner):
+                self._check_quota(owner, files)
+                self.store.create(job, files)
             try:
                 self.queue.submit(job)
             except BaseException:
@@ -170,6 +180,38 @@ class JobService:
                 self.store.release_key(owner, idempotency_key, job.id)
             raise
         return Submission(job, replayed=False)
+
+    def _check_quota(self, owner: str, files: dict[str, bytes]) -> None:
+        """QuotaExceededError when `owner` has too many unfinished jobs, or when `files` (what
+        this job will store: an audio input as float32 24 kHz WAV, 96 kB per second whatever
+        was uploaded) would take its stored bytes past the limit."""
+        s, usage = self.settings, self.store.usage(owner)
+        who = "this API key has" if owner else "this server's callers (no API keys are set: all share one quota) have"
+        if usage.unfinished >= s.key_max_jobs:
+            raise QuotaExceededError(
+                f"{who} {usage.unfinished} unfinished jobs, the limit (MOSHI_KEY_MAX_JOBS) is {s.key_max_jobs}: "
+                "wait for some to finish, or cancel one with DELETE /v1/jobs/{id}", QUOTA_RETRY_AFTER)
+        incoming = sum(len(data) for data in files.values())
+        if usage.bytes + incoming > s.key_max_storage_bytes:
+            if usage.oldest_finished is None:  # only running jobs hold it: they will finish, then be deletable
+                retry_after = QUOTA_RETRY_AFTER
+            else:
+                retry_after = max(1, math.ceil(usage.oldest_finished + s.job_ttl_seconds - time.time()))
+            raise QuotaExceededError(
+                f"{who} {usage.bytes / 2**20:.1f} MB in job files and this job would add "
+                f"{incoming / 2**20:.1f} MB (uploaded audio is stored at 96 kB per second); the limit "
+                f"(MOSHI_KEY_MAX_STORAGE_MB) is {s.key_max_storage_bytes / 2**20:g} MB: delete finished jobs you "
+                f"no longer need with DELETE /v1/jobs/{{id}}, or wait for them to expire "
+                f"({s.job_ttl_seconds / 3600:g} h after they finish)", retry_after)
+
+    def withdraw(self, job_id: str) -> bool:
+        """Cancel and delete a job no worker has started (True); False once one has."""
+        with self.store.update(job_id) as job:
+            if job.state is not JobState.QUEUED:
+                return False
+            job.state, job.finished_at, job.cancel_requested = JobState.CANCELLED, time.time(), True
+        self.store.delete(job_id)  # a worker handed it later finds no job and skips it
+        return True
 
     def cancel(self, job_id: str, owner: str) -> Job | None:
         """Cancel a queued or running job; delete a finished one (None)."""

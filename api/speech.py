@@ -21,7 +21,7 @@ from moshi_core.formats.audio_stream import StreamEncoder
 from moshi_core.loading.catalog import DEFAULT_VOICE
 from moshi_core.loading.tts_info import TTSInfo, describe_tts
 from moshi_core.params import TTSParams
-from workers.errors import UnknownModelError
+from workers.errors import JobTimeoutError, UnknownModelError
 from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, JobState, public_name
 
 from .errors import error_response
@@ -92,8 +92,9 @@ async def _tts_job(jobs: JobService, owner: str, text: str, voice: str | None, a
     params = {"model": s.tts_model, "voice": voice, "temp": asked.temp, "cfg_coef": asked.cfg_coef,
               "seed": secrets.randbelow(2**31) if asked.seed is None else asked.seed}
     fingerprint = dict(params, seed=asked.seed)  # a retry without a seed is the same request
-    return jobs.submit(JobKind.TTS, owner, params, {TEXT_INPUT: text.encode()}, "speech", idempotency_key,
-                       fingerprint_params=fingerprint)
+    # In a thread: the quota count and the writes take file locks.
+    return await asyncio.to_thread(jobs.submit, JobKind.TTS, owner, params, {TEXT_INPUT: text.encode()}, "speech",
+                                   idempotency_key, fingerprint_params=fingerprint)
 
 
 def _check_markup(text: str, max_seconds: float) -> None:
@@ -131,8 +132,13 @@ async def openai_speech(jobs: Service, owner: Caller, body: Annotated[SpeechIn, 
     job = (await _tts_job(jobs, owner, body.input, body.voice, DEFAULTS)).job
     encoder = StreamEncoder(body.response_format)
     # Hold the answer until the first audio (or the job's end): a failure before any audio
-    # still gets a proper error status.
+    # still gets a proper error status, and so does a job no worker started in time.
     job = await _wait_for_audio(jobs, job.id)
+    if job.state is JobState.QUEUED and await asyncio.to_thread(jobs.withdraw, job.id):
+        raise JobTimeoutError(f"no worker was free to start the speech within {jobs.settings.sync_timeout_seconds:g} "
+                              "s (the server is busy); the request was withdrawn: try again later, or submit it "
+                              "with POST /v1/tts and poll the job")
+    job = jobs.store.get(job.id)  # started, perhaps since the wait ended
     if job.state in (JobState.FAILED, JobState.CANCELLED):
         error = job.error or {"code": "cancelled", "message": "the speech job was cancelled"}
         return error_response(500 if error["code"] == "internal" else 422, error["code"], error["message"])

@@ -50,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
         return LiveEngine(moshi, slots=settings.live_slots or (4 if moshi.lm.device.type == "cuda" else 1))
 
     app.include_router(create_chat_router(LiveDriver(live_engine), max_seconds=settings.live_max_seconds,
-                                          idle_seconds=settings.live_idle_seconds))
+                                          idle_seconds=settings.live_idle_seconds,
+                                          max_per_key=settings.key_max_conversations))
     install_auth(app, settings)
     # Uploads of this server only, in a folder of its own (Gradio's default, /tmp/gradio, is every
     # Gradio app's on the machine): the components read the variable when they are built.

@@ -32,7 +32,16 @@ class UploadTooLargeError(MoshiError):
 
 
 class JobTimeoutError(MoshiError):
-    """A synchronous request whose job did not finish in time (the job goes on)."""
+    """A synchronous request whose job did not finish in time (the job goes on), or did not
+    start in time (the job is withdrawn)."""
+
+
+class QuotaExceededError(MoshiError):
+    """A submission over its API key's limit on unfinished jobs or stored bytes."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, for the Retry-After header
 
 
 class SettingsError(InvalidParameterError):

@@ -1,10 +1,11 @@
 """Job records and their files, in a storage directory shared by the API and the workers.
 
 A job is a folder `<storage>/jobs/<id>/` holding `job.json` (the record), the validated
-input and, once done, its artifacts. Audio never travels through the broker: a queued
-message is only a job id. Every write is atomic (write a temporary file, then rename), and
-read-modify-write cycles hold a per-job file lock, so the API cancelling a job and a worker
-reporting progress never lose each other's changes.
+input and, once done, its artifacts; `<storage>/owners/<owner>/<id>` (empty) lists each
+owner's jobs, so an owner's quota is counted over its own jobs, not every job. Audio never
+travels through the broker: a queued message is only a job id. Every write is atomic (write
+a temporary file, then rename), and read-modify-write cycles hold a per-job file lock, so the
+API cancelling a job and a worker reporting progress never lose each other's changes.
 """
 
 import enum
@@ -107,6 +108,15 @@ class Job:
         return job
 
 
+@dataclass
+class Usage:
+    """One owner's share of the storage: its unfinished jobs and the bytes of all its job folders."""
+
+    unfinished: int = 0
+    bytes: int = 0
+    oldest_finished: float | None = None  # when its earliest finished job finished (it expires first)
+
+
 def new_job_id() -> str:
     """128 random bits, URL-safe: ids cannot be guessed or enumerated."""
     return secrets.token_urlsafe(16)
@@ -139,8 +149,9 @@ class JobStore:
         self.root = Path(root)
         self.jobs_dir = self.root / "jobs"
         self.keys_dir = self.root / "idempotency"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        self.owners_dir = self.root / "owners"
+        for folder in (self.jobs_dir, self.keys_dir, self.owners_dir):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def folder(self, job_id: str) -> Path:
         # Ids come from URLs: only our own alphabet may reach the filesystem.
@@ -155,6 +166,9 @@ class JobStore:
         for name, data in files.items():
             atomic_write_bytes(folder / name, data)
         atomic_write_bytes(folder / "job.json", job.to_json().encode())
+        owned = self._owner_folder(job.owner)
+        owned.mkdir(exist_ok=True)
+        (owned / job.id).touch()
 
     def get(self, job_id: str) -> Job:
         try:
@@ -219,6 +233,47 @@ class JobStore:
             except FileNotFoundError:
                 continue
         return purged
+
+    # Per-owner usage, for the quotas. An entry whose job is gone (deleted, purged) is dropped
+    # when next counted, so deleting a job needs no bookkeeping.
+
+    def _owner_folder(self, owner: str) -> Path:
+        return self.owners_dir / (owner or "-")  # owners are hex digests, or "" without keys
+
+    @contextmanager
+    def owner_locked(self, owner: str) -> Iterator[None]:
+        """Hold `owner`'s lock, across processes: counting and creating under it, two submissions
+        at once cannot both pass a quota that has room for one."""
+        owned = self._owner_folder(owner)
+        owned.mkdir(exist_ok=True)
+        lock = os.open(owned / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)
+
+    def usage(self, owner: str) -> Usage:
+        """What `owner`'s jobs hold now: one record read and one folder listing per job of theirs."""
+        usage = Usage()
+        owned = self._owner_folder(owner)
+        if not owned.is_dir():
+            return usage
+        for entry in owned.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                job = self.get(entry.name)
+                usage.bytes += sum(f.stat().st_size for f in os.scandir(self.folder(job.id)) if f.is_file())
+            except (JobNotFoundError, FileNotFoundError):
+                entry.unlink(missing_ok=True)
+                continue
+            if job.state.finished:
+                done = job.finished_at or job.created_at
+                usage.oldest_finished = min(done, usage.oldest_finished or done)
+            else:
+                usage.unfinished += 1
+        return usage
 
     # Idempotency-Key: (owner, key) -> the job a first request made, and a fingerprint of
     # that request, so that a retry gets the same job and a different request is refused.

@@ -46,6 +46,10 @@ class JobQueue(Protocol):
 
 
 class CeleryQueue:
+    """Jobs as Celery tasks on Redis lists, which are FIFO: unlike `LocalQueue` there is no fair
+    turn between keys here. What bounds one key's lead is MOSHI_KEY_MAX_JOBS, its limit of
+    unfinished jobs: a key can put only so many ahead of another's."""
+
     name = "celery"
 
     def __init__(self, settings: Settings) -> None:

@@ -41,6 +41,8 @@ class Settings:
     max_upload_bytes: int = 100 * 2**20
     max_audio_seconds: float = 600.0
     job_ttl_seconds: float = 24 * 3600.0
+    key_max_jobs: int = 16  # unfinished (queued or running) jobs per API key
+    key_max_storage_bytes: int = 4096 * 2**20  # files of one API key's unexpired jobs
     # The synchronous (OpenAI-style) endpoints take inputs up to this long, and wait this long.
     sync_max_seconds: float = 120.0
     sync_timeout_seconds: float = 600.0
@@ -51,12 +53,14 @@ class Settings:
     # frame); the in-process queue runs this many heavy jobs at once, as a threads-pool Celery
     # worker with this concurrency does.
     dialogue_slots: int = 4
+    key_max_running: int = 0  # heavy jobs of one key the in-process queue prefers to run at once; 0: half the slots
     # Redis hands an unacknowledged job to another worker after this long: it must exceed the
     # longest job, or a slow job would run twice.
     visibility_timeout: float = 6 * 3600.0
     live_slots: int = 0  # live conversations at once; 0: 4 on a GPU, 1 on the CPU
     live_max_seconds: float = 300.0
     live_idle_seconds: float = 30.0  # a live conversation with no audio this long ends
+    key_max_conversations: int = 1  # live conversations one API key may hold open at once
     cpu_kernels: bool = True
     gpu_step: GpuStep = "eager"
     host: str = "127.0.0.1"
@@ -195,6 +199,10 @@ VARIABLES = (
              _positive()),
     Variable("MOSHI_JOB_TTL_HOURS", "job_ttl_seconds", "24", "jobs and their files are deleted this long after "
              "they finish", POSITIVE, _positive(3600)),
+    Variable("MOSHI_KEY_MAX_JOBS", "key_max_jobs", "16", "unfinished (queued or running) jobs per API key "
+             "(without keys: for all callers together); more is a 429", "an integer >= 1", _integer(1)),
+    Variable("MOSHI_KEY_MAX_STORAGE_MB", "key_max_storage_bytes", "4096", "job files (inputs and results of "
+             "unexpired jobs) per API key, in MB; more is a 429", POSITIVE, _positive(2**20, int)),
     Variable("MOSHI_SYNC_MAX_SECONDS", "sync_max_seconds", "120", "longest audio the synchronous OpenAI-style "
              "endpoints take", POSITIVE, _positive()),
     Variable("MOSHI_SYNC_TIMEOUT_SECONDS", "sync_timeout_seconds", "600", "how long the synchronous endpoints "
@@ -207,6 +215,9 @@ VARIABLES = (
              "kills its worker)", "an integer >= 1", _integer(1)),
     Variable("MOSHI_DIALOGUE_SLOTS", "dialogue_slots", "4", "dialogue jobs a process steps together on one "
              "model; the in-process queue runs this many Moshi jobs at once", "an integer >= 1", _integer(1)),
+    Variable("MOSHI_KEY_MAX_RUNNING", "key_max_running", "0", "heavy jobs of one API key the in-process queue "
+             "runs at once while another key's wait (alone, a key may use every slot); 0: half of "
+             "MOSHI_DIALOGUE_SLOTS, rounded up", "an integer >= 0", _integer(0)),
     Variable("MOSHI_VISIBILITY_TIMEOUT_HOURS", "visibility_timeout", "6", "Redis hands an unacknowledged job "
              "to another worker after this; longer than any job", POSITIVE, _positive(3600)),
     Variable("MOSHI_LIVE_SLOTS", "live_slots", "0", "live conversations at once; 0: 4 on a GPU, 1 on the CPU",
@@ -215,6 +226,8 @@ VARIABLES = (
              POSITIVE, _positive()),
     Variable("MOSHI_LIVE_IDLE_SECONDS", "live_idle_seconds", "30", "a live conversation that sends no audio "
              "this long ends (its slot is freed)", POSITIVE, _positive()),
+    Variable("MOSHI_KEY_MAX_CONVERSATIONS", "key_max_conversations", "1", "live conversations one API key "
+             "may hold open at once (with MOSHI_API_KEYS)", "an integer >= 1", _integer(1)),
     Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
              "comparisons)", SWITCH, _switch),
     Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,

@@ -32,6 +32,7 @@ def base_env(tmp_path_factory, mimi_checkpoint, tiny_moshi) -> dict[str, str]:
         **os.environ, "MOSHI_MIMI": str(mimi_checkpoint), "MOSHI_MODEL": str(tiny_moshi), "MOSHI_DTYPE": "float32",
         "MOSHI_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "MOSHI_MAX_UPLOAD_MB": "3", "MOSHI_MAX_AUDIO_SECONDS": "60",
         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_DIR),
+        "MOSHI_KEY_MAX_JOBS": "100",  # one caller queues a hundred jobs at once below
     }
 
 
