@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-import uvicorn
 import websockets
 from fastapi import FastAPI
-from servers import free_port, wait_until
+from live_client import last_message_before_close
+from servers import serving_in_thread
 
 import workers.local_queue
 from api.auth import install_auth
@@ -155,28 +155,8 @@ def chat_url(tiny_moshi):
     app.include_router(create_chat_router(LiveDriver(lambda: LiveEngine(models, slots=2)), max_seconds=60,
                                           idle_seconds=10, max_per_key=1))
     install_auth(app, Settings(api_keys=frozenset({"key-a", "key-b"})))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the chat server to start")
-    try:
-        yield f"ws://127.0.0.1:{port}/api/chat?codec=pcm"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-async def refusal(ws) -> tuple[bytes | None, int | None]:
-    """The last message before the server closes the socket (within 10 s), and its close code."""
-    last = None
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                last = await ws.recv()
-    except websockets.ConnectionClosed:
-        pass
-    return last, ws.close_code
+    with serving_in_thread(app) as address:
+        yield f"ws://{address}/api/chat?codec=pcm"
 
 
 async def greeting_once_free(url: str) -> bytes:
@@ -197,7 +177,7 @@ def test_one_key_cannot_hold_every_live_slot(chat_url):
         async with websockets.connect(chat_url + "&api_key=key-a") as first:
             assert await asyncio.wait_for(first.recv(), 10) == HANDSHAKE
             async with websockets.connect(chat_url + "&api_key=key-a") as second:
-                refused = await refusal(second)  # was a handshake: key A took the second slot too
+                refused = await last_message_before_close(second)  # was a handshake: key A took the second slot too
             async with websockets.connect(chat_url + "&api_key=key-b") as other:
                 greeting = await asyncio.wait_for(other.recv(), 10)
         return refused, greeting, await greeting_once_free(chat_url + "&api_key=key-a")

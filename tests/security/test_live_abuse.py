@@ -6,15 +6,14 @@ real on loopback by uvicorn in a thread, with a short idle limit.
 """
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
 import torch
-import uvicorn
 import websockets
 from fastapi import FastAPI
-from servers import free_port, wait_until
+from live_client import last_message_before_close
+from servers import serving_in_thread
 
 from api.chat import MAX_MESSAGE_BYTES, create_chat_router
 from api.live_driver import LiveDriver
@@ -60,32 +59,12 @@ def chat_url(models):
     app = FastAPI()
     driver = LiveDriver(lambda: LiveEngine(models, slots=2))
     app.include_router(create_chat_router(driver, max_seconds=60, idle_seconds=IDLE_SECONDS))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the chat server to start")
-    try:
-        yield f"ws://127.0.0.1:{port}/api/chat"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving_in_thread(app) as address:
+        yield f"ws://{address}/api/chat"
 
 
 def pcm(samples: np.ndarray) -> bytes:
     return b"\x01" + (samples * 32767).astype("<i2").tobytes()
-
-
-async def ending(ws) -> tuple[bytes, int]:
-    """The error message the server ends with, and its close code (within 10 s)."""
-    last = None
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                last = await ws.recv()
-    except websockets.ConnectionClosed:
-        pass
-    return last, ws.close_code
 
 
 async def frames_back(ws, count: int) -> int:
@@ -117,7 +96,7 @@ def test_an_out_of_range_argument_is_refused_and_never_freezes_another_conversat
                     await bad.send(pcm(SILENCE))  # what froze the other conversation when accepted
                 except websockets.ConnectionClosed:
                     pass
-                refusal = await ending(bad)
+                refusal = await last_message_before_close(bad)
             return refusal, await frames_back(talking, STEPS)
 
     (message, code), answered = asyncio.run(main())
@@ -130,7 +109,7 @@ def test_callers_who_never_speak_do_not_hold_the_slots(chat_url):
     async def main():
         async with websockets.connect(chat_url + "?codec=pcm") as a, websockets.connect(chat_url + "?codec=pcm") as b:
             assert await a.recv() == HANDSHAKE and await b.recv() == HANDSHAKE
-            ended = await asyncio.gather(ending(a), ending(b))
+            ended = await asyncio.gather(last_message_before_close(a), last_message_before_close(b))
         async with websockets.connect(chat_url + "?codec=pcm") as later:
             return ended, await asyncio.wait_for(later.recv(), 10)
 
@@ -145,7 +124,7 @@ def test_a_huge_message_is_refused(chat_url):
         async with websockets.connect(chat_url + "?codec=pcm", max_size=None) as ws:
             assert await ws.recv() == HANDSHAKE
             await ws.send(pcm(np.zeros(8_000_000, np.float32)))  # 16 MB: 5.5 min of audio in one message
-            return await ending(ws)
+            return await last_message_before_close(ws)
 
     message, code = asyncio.run(main())
     assert code == 1009 and message.decode() == (f"\x05a message of 16000001 bytes; the limit is {MAX_MESSAGE_BYTES} "
@@ -162,7 +141,7 @@ def test_a_caller_who_sends_faster_than_real_time_is_dropped(chat_url):
                     await ws.send(pcm(np.zeros(9600, np.float32)))
             except websockets.ConnectionClosed:
                 pass
-            return await ending(ws)
+            return await last_message_before_close(ws)
 
     message, code = asyncio.run(main())
     assert code == 1008 and message.startswith(b"\x05audio arrives faster than real time"), message

@@ -13,9 +13,8 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 from fastapi.testclient import TestClient
-from servers import free_port, wait_until
+from servers import serving_in_thread
 from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
 
 from api.app import create_api
@@ -114,15 +113,8 @@ def speech_url(tmp_path, tiny_tts, no_workers):  # noqa: F811
     folder, voices = tiny_tts
     app = create_api(Settings(storage_dir=tmp_path, tts_model=str(folder), tts_voices=str(voices), device="cpu",
                               dtype="float32", sync_timeout_seconds=1.0))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the API to start")
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving_in_thread(app) as address:
+        yield f"http://{address}"
 
 
 @pytest.mark.e2e  # a real server on loopback: the status line is what the client sees first

@@ -138,3 +138,23 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str, concurrency: int
         sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "moshi.lm,moshi.codec", "-P", pool,
         "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info",
     ], env, log_dir)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn in a thread of the test process, on a free loopback port:
+    yields its base address (`127.0.0.1:PORT`)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "the server to start")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
