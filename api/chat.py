@@ -216,7 +216,8 @@ def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: flo
             sampling, seed, codec_name = parse_session_args(ws.query_params, engine.sampling)
             session = await driver.open(sampling, seed)
         except LiveBusyError as exc:
-            await _end(ws, f"busy: {exc} ({len(driver.sessions)} conversations in progress); "
+            open_now = len(driver.sessions)
+            await _end(ws, f"busy: {exc} ({open_now} conversation{'' if open_now == 1 else 's'} in progress); "
                            "try again in a moment", 1013)
             return
         except MoshiError as exc:

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 
 from moshi_core.errors import MoshiError
-from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, SUPPORTED_MODELS
+from moshi_core.loading.catalog import (
+    DEFAULT_LM_SOURCE,
+    DEFAULT_STT_SOURCE,
+    DEFAULT_TTS_SOURCE,
+    STT_MODELS,
+    SUPPORTED_MODELS,
+    TTS_MODELS,
+)
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
 from moshi_core.params import DTYPE_NAMES, SamplingParams
 
@@ -253,8 +260,12 @@ def _transcribe(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    for repo, what in SUPPORTED_MODELS.items():
-        print(f"{repo:32s} {what}{'  [default]' if repo == DEFAULT_LM_SOURCE else ''}")
+    for title, models, default in (("Moshi (dialogue: --model)", SUPPORTED_MODELS, DEFAULT_LM_SOURCE),
+                                   ("speech to text (transcribe --model)", STT_MODELS, DEFAULT_STT_SOURCE),
+                                   ("text to speech (tts --model)", TTS_MODELS, DEFAULT_TTS_SOURCE)):
+        print(f"{title}:")
+        for repo, what in models.items():
+            print(f"  {repo:30s} {what}{'  [default]' if repo == default else ''}")
 
 
 def _build_kernels(args: argparse.Namespace) -> None:

@@ -22,6 +22,13 @@ SUPPORTED_MODELS = {
     "kyutai/moshika-pytorch-q8": "Moshi, female voice, row-wise int8 (bitsandbytes layout)",
     "kyutai/moshiko-pytorch-q8": "Moshi, male voice, row-wise int8 (bitsandbytes layout)",
 }
+STT_MODELS = {
+    "kyutai/stt-1b-en_fr": "speech to text, English and French, words 0.5 s after they are said",
+    "kyutai/stt-2.6b-en": "speech to text, English, words 2.5 s after they are said",
+}
+TTS_MODELS = {
+    "kyutai/tts-1.6b-en_fr": f"text to speech, English and French, voices from {DEFAULT_VOICE_REPO}",
+}
 
 __all__ = ["DEFAULT_LM_SOURCE", "DEFAULT_MIMI_SOURCE", "DEFAULT_STT_SOURCE", "DEFAULT_TTS_SOURCE",
-           "DEFAULT_VOICE", "DEFAULT_VOICE_REPO", "SUPPORTED_MODELS"]
+           "DEFAULT_VOICE", "DEFAULT_VOICE_REPO", "STT_MODELS", "SUPPORTED_MODELS", "TTS_MODELS"]

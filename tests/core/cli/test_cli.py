@@ -96,3 +96,12 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
     finally:
         (folder / "lock").unlink(missing_ok=True)
     assert done.returncode == 0 and done.stdout.startswith("CPU kernels: ready"), done.stdout + done.stderr
+
+
+def test_models_lists_every_kind_with_its_default(capsys):
+    from moshi_core.cli.main import main
+    from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE
+
+    assert main(["models"]) == 0
+    defaults = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("[default]")]
+    assert defaults == [DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE]
