@@ -8,6 +8,7 @@ a temporary file, then rename), and read-modify-write cycles hold a per-job file
 API cancelling a job and a worker reporting progress never lose each other's changes.
 """
 
+import contextlib
 import enum
 import fcntl
 import hashlib
@@ -117,6 +118,18 @@ class Usage:
     oldest_finished: float | None = None  # when its earliest finished job finished (it expires first)
 
 
+@contextmanager
+def _file_locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file `path` (made if missing), across processes; the OS releases
+    it if its holder dies. FileNotFoundError when `path`'s folder does not exist."""
+    lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
 def new_job_id() -> str:
     """128 random bits, URL-safe: ids cannot be guessed or enumerated."""
     return secrets.token_urlsafe(16)
@@ -189,17 +202,14 @@ class JobStore:
     def update(self, job_id: str) -> Iterator[Job]:
         """Read, let the caller change, and write back a job under its lock."""
         folder = self.folder(job_id)
-        try:
-            lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        except FileNotFoundError:
-            raise JobNotFoundError(f"no job {job_id!r}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(_file_locked(folder / ".lock"))
+            except FileNotFoundError:
+                raise JobNotFoundError(f"no job {job_id!r}") from None
             job = self.get(job_id)
             yield job
             atomic_write_bytes(folder / "job.json", job.to_json().encode())
-        finally:
-            os.close(lock)
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.folder(job_id), ignore_errors=True)
@@ -246,12 +256,8 @@ class JobStore:
         at once cannot both pass a quota that has room for one."""
         owned = self._owner_folder(owner)
         owned.mkdir(exist_ok=True)
-        lock = os.open(owned / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _file_locked(owned / ".lock"):
             yield
-        finally:
-            os.close(lock)
 
     def usage(self, owner: str) -> Usage:
         """What `owner`'s jobs hold now: one record read and one folder listing per job of theirs."""
@@ -281,15 +287,9 @@ class JobStore:
     def _key_path(self, owner: str, key: str) -> Path:
         return self.keys_dir / hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
 
-    @contextmanager
-    def _keys_locked(self) -> Iterator[None]:
+    def _keys_locked(self) -> contextlib.AbstractContextManager[None]:
         # One lock for every key, across the API processes sharing this storage: a claim is a few file operations.
-        lock = os.open(self.keys_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(lock)
+        return _file_locked(self.keys_dir / ".lock")
 
     def _take_key(self, path: Path, fingerprint: str, job_id: str) -> str | None:
         """Under the lock: bind the key to `job_id` (None), or the job id it is bound to."""
