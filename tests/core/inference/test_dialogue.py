@@ -100,6 +100,23 @@ def test_concurrent_dialogues_share_steps_and_answer_as_alone(tiny_models, share
     engine = DialogueEngine(tiny_models, slots=2)
     together: list = [None] * 3
     start = threading.Barrier(3)
+    # Steps wait until every caller has handed its dialogue in: on a loaded machine the short one
+    # could otherwise be done before the others have encoded theirs, and nothing would share a step.
+    submitted, all_in = [], threading.Event()
+    submit, step = engine._submit, engine._batch.step
+
+    def counted_submit(dialogues):
+        done = submit(dialogues)
+        submitted.append(dialogues)
+        if len(submitted) == 3:
+            all_in.set()
+        return done
+
+    def gated_step():
+        all_in.wait(60)
+        return step()
+
+    engine._submit, engine._batch.step = counted_submit, gated_step
 
     def call(i: int) -> None:
         start.wait()
