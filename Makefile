@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 # The reference implementation: a test oracle only, never a runtime dependency.
 REFERENCE ?= moshi==0.2.13
 
-.PHONY: run test test-fast wheel bench setup setup-test system-deps clean
+.PHONY: run test test-fast wheel space requirements bench setup setup-test system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,10 +35,11 @@ $(VENV)/.test: $(VENV)/.base
 
 # What the tests drive for real: Debian's chromium (web UI), espeak-ng and sox (speech),
 # redis-server (the API tests start their own on free ports; the default one is started if
-# the machine has none running), ffmpeg (Gradio's streaming audio player, the TTS tab). Installed
-# with apt where missing.
+# the machine has none running), ffmpeg (Gradio's streaming audio player, the TTS tab), haproxy (the scale-out test's
+# balancer), docker-compose (checks compose.yaml; without the Docker engine it recommends).
+# Installed with apt where missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-SYSTEM_TOOLS := chromium espeak-ng sox redis-server ffmpeg
+SYSTEM_TOOLS := chromium espeak-ng sox redis-server ffmpeg haproxy
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -47,6 +48,9 @@ system-deps:
 		$(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$missing >/dev/null; }; \
 	fi
+	@command -v docker-compose >/dev/null || { echo "installing docker-compose with apt"; \
+		$(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
 
@@ -71,6 +75,15 @@ bench: setup-test
 wheel: $(VENV)/.base
 	rm -rf build dist/moshi_core-*.whl
 	$(PIP) wheel --no-deps -w dist .
+
+# The Hugging Face Space's repository, ready to push (docs/deployment.md); SPACE_DIR=... puts it elsewhere.
+# Its requirements.txt is this one, which `make requirements` writes from pyproject.toml.
+SPACE_DIR ?= dist/space
+space:
+	$(PYTHON) space/build.py --out $(SPACE_DIR)
+
+requirements:
+	$(PYTHON) space/build.py --requirements
 
 clean:
 	rm -rf $(VENV) .pytest_cache

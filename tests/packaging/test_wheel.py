@@ -3,12 +3,12 @@ Space's install), installed on its own, away from the checkout, and the CPU kern
 
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from commands import run_checked
 
 from moshi_core.kernels import build as cpu_kernels
 
@@ -22,13 +22,6 @@ DATA_FOLDERS = ("moshi_core/kernels/csrc", "api/static")
 # What a checkout gathers beside the sources (see .gitignore), none of it part of a build.
 NOT_SOURCES = {".venv", ".git", ".cache", ".pytest_cache", ".ruff_cache", "build", "dist", "data",
                "tests/artifacts", "bench/results"}
-
-
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, check=False, capture_output=True, text=True, **kwargs)
-    what = "a probe script" if "-c" in command else " ".join(command)
-    assert done.returncode == 0, f"{what} failed:\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def _copy_sources(target: Path) -> None:
@@ -48,7 +41,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scratch = tmp_path_factory.mktemp("wheel")
     _copy_sources(scratch / "src")
     # Offline: setuptools comes from this environment, the dependencies are not fetched.
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+    run_checked([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
           "--disable-pip-version-check", "-q", "-w", str(scratch / "dist"), str(scratch / "src")])
     (built,) = (scratch / "dist").glob("moshi_core-*.whl")
     return built
@@ -58,7 +51,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def site(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel installed alone in a folder of its own (its dependencies come from this environment)."""
     target = tmp_path_factory.mktemp("installed") / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
+    run_checked([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
           "-q", "--target", str(target), str(wheel)])
     return target
 
@@ -103,7 +96,7 @@ assert Path(sys.modules[main.__module__].__file__).is_relative_to(site), main.__
 missing = [name for name in build.SOURCES if not (build.CSRC / name).is_file()]
 assert not missing, f"kernel sources missing from {build.CSRC}: {missing}"
 """
-    _run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, env=_installed_env(site, tmp_path / "ext"))
+    run_checked([sys.executable, "-c", probe, str(site)], cwd=tmp_path, env=_installed_env(site, tmp_path / "ext"))
     assert (site / "bin" / "moshi-core").is_file(), "no moshi-core console script installed"
 
 
@@ -113,7 +106,7 @@ def test_kernels_build_from_the_installed_wheel(site: Path, tmp_path: Path):
     extensions = tmp_path / "ext"  # a fresh cache: the build runs on the installed sources
     env = _installed_env(site, extensions)
     # The console script the wheel installs, as a user runs it (one build, about a minute on 2 cores).
-    built = _run([str(site / "bin" / "moshi-core"), "build-kernels"], cwd=tmp_path, env=env, timeout=900)
+    built = run_checked([str(site / "bin" / "moshi-core"), "build-kernels"], cwd=tmp_path, env=env, timeout=900)
     assert "CPU kernels: ready" in built.stdout, f"{built.stdout}\n{built.stderr}"
     probe = """
 import sys
@@ -129,4 +122,4 @@ x, w, b = torch.randn(3, 64, generator=g), torch.randn(24, 64, generator=g), tor
 assert skinny_kernel(x, 3) is not None, "linear() would not take the skinny kernel"
 torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
 """
-    _run([sys.executable, "-c", probe, str(extensions)], cwd=tmp_path, env=env, timeout=300)
+    run_checked([sys.executable, "-c", probe, str(extensions)], cwd=tmp_path, env=env, timeout=300)
