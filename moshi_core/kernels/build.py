@@ -1,21 +1,28 @@
 """Our C++ CPU kernels (`csrc/`), for x86-64 CPUs with AVX2, FMA and F16C. They are one
 extension, built with `torch.utils.cpp_extension` on first use and cached afterwards in
-`build_directory()` (about a minute on two cores: `moshi-core build-kernels` builds it ahead,
-as `make setup` and the Docker image do). Without a compiler or those instructions every
-caller takes its portable PyTorch path, and `set_enabled(False)` turns them off (the front
-doors do, from `MOSHI_CPU_KERNELS=0` or a flag: the core reads no environment of its own).
+`build_directory()`, one folder per environment (about a minute on two cores, once:
+`moshi-core build-kernels` builds it ahead, as `make setup` and the Docker image do).
+Without a compiler or those instructions every caller takes its portable PyTorch path, and
+`set_enabled(False)` turns them off (the front doors do, from `MOSHI_CPU_KERNELS=0` or a
+flag: the core reads no environment of its own).
 
 - `linear.cpp`: matrix products with a few activation rows, for float32, bfloat16, float16
-  and Q8_0 weights (see `moshi_core.kernels.linear`).
+  and Q8_0 weights (see `moshi_core.kernels.linear`), Q8_0 with float or int8 activations
+  (see `moshi_core.kernels.q8`).
 - `attention.cpp`: one streaming step of self-attention over a ring KV cache, fused (see
   `moshi_core.nn.transformer.Attention.step`).
 - `norm.cpp`: RMSNorm and the SiLU gate of a few rows, fused.
+- `conv.cpp`: the input window of a streaming conv, through the SEANet's ELU, in one pass
+  (see `moshi_core.nn.conv.CausalConv.step`).
 """
 
 import fcntl
 import functools
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,10 +31,12 @@ import torch
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 NAME = "moshi_core_kernels"
-# common.h first: the sources are one translation unit. Their text is what the build cache is keyed on.
-SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp")
-FUNCTIONS = ["skinny_linear", "q8_linear", "attention_step", "rms_norm", "silu_mul"]
+# common.h first: the sources are one translation unit.
+SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp")
+FUNCTIONS = ["skinny_linear", "q8_linear", "q8_int8_instructions", "attention_step", "rms_norm", "silu_mul",
+             "elu_window"]
 
 
 # A plain module flag: the lookup runs for every matrix product of a step.
@@ -50,14 +59,41 @@ def supported() -> bool:
     return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
 
 
+def build_key() -> dict[str, object]:
+    """Everything the binary depends on: the build command (paths included) and its inputs.
+    Two environments that differ in any of it build in different folders, so neither
+    rebuilds over the other, while an unchanged one always finds its build."""
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which(cpp_extension.get_cxx_compiler()) or cpp_extension.get_cxx_compiler()
+    compiler = os.path.realpath(compiler)
+    # its size and time stand for its version (an upgrade replaces the file), without running it
+    stat = os.stat(compiler) if os.path.exists(compiler) else None
+    return {
+        "sources": [hashlib.sha256((CSRC / name).read_bytes()).hexdigest() for name in SOURCES],
+        "functions": FUNCTIONS, "cflags": CFLAGS, "ldflags": LDFLAGS,
+        "torch": [torch.__version__, str(Path(torch.__file__).resolve().parent)],
+        "include": cpp_extension.include_paths(), "lib": cpp_extension.library_paths(),
+        "python": [sys.version, sys.prefix, os.path.realpath(sys.executable)],
+        "compiler": [compiler, stat and stat.st_size, stat and stat.st_mtime_ns],
+    }
+
+
 def build_directory() -> Path:
     """Where the extension is built and cached: under `TORCH_EXTENSIONS_DIR` (else PyTorch's
-    default root), one folder per Python and torch version, since the binary is tied to both."""
+    default root), in a folder named by the Python and torch versions and a hash of
+    `build_key()`."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '-')}"
-    return Path(root) / f"{NAME}-{tag}"
+    digest = hashlib.sha256(json.dumps(build_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"{NAME}-{tag}-{digest}"
+
+
+def is_built() -> bool:
+    """Whether this environment's build is already in `build_directory()`."""
+    return (build_directory() / f"{NAME}.so").is_file()
 
 
 @functools.cache
@@ -77,8 +113,9 @@ def kernels():
         with open(folder / "moshi.flock", "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
-            return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS, extra_cflags=CFLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+            # copies: PyTorch appends to the lists it is given, and these are the build key's
+            return load_inline(NAME, cpp_sources=sources, functions=list(FUNCTIONS), extra_cflags=list(CFLAGS),
+                               extra_ldflags=list(LDFLAGS), build_directory=str(folder), verbose=False)
     except Exception as exc:  # any build problem means: use the portable path
         log.warning("CPU kernels unavailable (%s); using the portable path", exc)
         return None

@@ -7,6 +7,7 @@ from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_c
 
 from moshi_core.errors import CheckpointError
 from moshi_core.kernels import build as cpu_kernels
+from moshi_core.kernels import q8
 from moshi_core.kernels.q8 import Q8Tensor, Q8Weight
 from moshi_core.loading.checkpoints import load_lm
 from moshi_core.loading.gguf import candle_to_ours, read_gguf
@@ -15,6 +16,13 @@ from moshi_core.models.lm import LMConfig
 # dim 128 makes the temporal MLP (hidden 352) Q8_0; the depth MLP (hidden 88) stays F32,
 # as Candle's rule leaves rows that are not whole blocks: both paths are exercised.
 CONFIG = dict(REDUCED_7B, dim=128)
+
+
+@pytest.fixture(autouse=True)
+def strict_float_arithmetic(monkeypatch):
+    """These tests prove the strict path (int8 weights, float activations) equal to the float
+    model; the default int8 arithmetic has its own tests (tests/core/kernels/test_q8_int8.py)."""
+    monkeypatch.setattr(q8, "INT8_ACTIVATIONS", False)
 
 
 @pytest.fixture(scope="module")
