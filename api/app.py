@@ -13,6 +13,7 @@ from workers.queue import make_queue
 from workers.settings import Settings
 
 from .auth import install_auth
+from .docs import install_docs
 from .errors import install_error_handlers
 from .limits import install_limits
 from .routes import router
@@ -67,7 +68,10 @@ def create_api(settings: Settings | None = None, models: "ModelCache | None" = N
             purge.cancel()
             queue.close()
 
-    app = FastAPI(title="Moshi serving stack", description=DESCRIPTION, lifespan=lifespan, **fastapi_options)
+    # The docs pages are this server's own (install_docs): FastAPI's load their scripts from a CDN.
+    app = FastAPI(title="Moshi serving stack", description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, **fastapi_options)
+    install_docs(app)
     install_error_handlers(app)
     install_limits(app, settings)
     install_auth(app, settings)  # outermost: no body is read before the key is checked

@@ -25,7 +25,7 @@ from .errors import AuthenticationError, error_response
 
 LOGIN_PATH = "/login"
 COOKIE = "moshi_key"
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # load balancers' probes carry no key
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/readyz/live"})  # load balancers' probes carry no key
 METRICS_PATH = "/metrics"
 HOW = ("send the header 'Authorization: Bearer <key>' (or 'kyutai-api-key: <key>'), add '?api_key=<key>' "
        f"to a websocket's URL, or log in at {LOGIN_PATH} in a browser")

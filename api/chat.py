@@ -8,11 +8,14 @@ Every message is binary, its first byte the kind:
   `?codec=pcm` (our browser client) the payload is raw little-endian int16 mono at 24 kHz
   instead, any length in, one 1920-sample frame (80 ms) per message out;
 - `0x02` text (server -> client): Moshi's next text piece, UTF-8;
+- `0x04` metadata (server -> client), JSON, only with `?progress=1` (our browser client: Kyutai's
+  clients expect the handshake first): while the model loads, before the handshake, every
+  `LOAD_REPORT_SECONDS`: `{"loading": {"model", "stage", ...}, "text": "moshi: downloading ..."}`;
 - `0x05` error (server -> client), then the socket closes: a bad query argument, every
-  slot busy or the caller's API key holding its `max_per_key` conversations already (both
-  close with 1013, "try again later"), the time limit reached, no audio for `idle_seconds`, a message of more than
-  `MAX_MESSAGE_BYTES`, audio sent faster than real time (see `LiveDriver`), the
-  conversation's own failure.
+  slot busy, the server draining before it stops (api/capacity.py) or the caller's API key
+  holding its `max_per_key` conversations already (all close with 1013, "try again later"),
+  the time limit reached, no audio for `idle_seconds`, a message of more than `MAX_MESSAGE_BYTES`,
+  audio sent faster than real time (see `LiveDriver`), the conversation's own failure.
 
 Query arguments as Kyutai's Rust server reads them: `text_temperature`, `text_topk`,
 `audio_temperature`, `audio_topk`; one generator drives both streams here, so `seed` (or
@@ -25,19 +28,22 @@ Kyutai's Python server does. `GET /api/chat/stats` counts frames per conversatio
 import asyncio
 import collections
 import dataclasses
+import json
 import math
 import statistics
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
+from api.capacity import create_capacity_router
 from api.live_driver import LiveDriver, LiveSession
 from moshi_core.errors import InvalidParameterError, LiveBusyError, LiveInputError, MoshiError
 from moshi_core.formats.pcm import SAMPLE_RATE, pcm16_bytes, pcm16_from_bytes
+from moshi_core.loading.progress import LoadStatus
 from moshi_core.params import SamplingParams
 
 from .limits import MAX_MESSAGE_BYTES
@@ -45,7 +51,8 @@ from .limits import MAX_MESSAGE_BYTES
 HANDSHAKE = b"\x00" + struct.pack("<II", 0, 0)
 # What a vanished caller raises on send (uvicorn's ClientDisconnected is an OSError).
 GONE = (WebSocketDisconnect, OSError, RuntimeError)
-AUDIO, TEXT, ERROR = 1, 2, 5
+AUDIO, TEXT, METADATA, ERROR = 1, 2, 4, 5
+LOAD_REPORT_SECONDS = 1.0
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"live.js": "text/javascript", "live-worklet.js": "text/javascript"}
 # Query argument -> SamplingParams field (whose own check bounds the temperatures).
@@ -185,13 +192,27 @@ def _percentile_ms(values: list[float], q: int) -> float | None:
     return round(statistics.quantiles(values, n=100)[q - 1] * 1000, 2)
 
 
+async def _engine_reporting_load(ws: WebSocket, driver: LiveDriver, loading: Callable[[], LoadStatus | None]):
+    """The driver's engine; while it loads, the caller is told how the load goes (`0x04`)."""
+    task = asyncio.ensure_future(driver.engine())
+    while not task.done():
+        if (status := loading()) is not None:
+            report = {"loading": status.to_dict(), "text": status.describe()}
+            await ws.send_bytes(bytes([METADATA]) + json.dumps(report).encode())
+        await asyncio.wait([task], timeout=LOAD_REPORT_SECONDS)  # a caller who hangs up leaves the load going
+    return task.result()
+
+
 def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: float = 30.0,
-                       max_per_key: int = 1) -> APIRouter:
+                       max_per_key: int = 1, loading: Callable[[], LoadStatus | None] = lambda: None,
+                       open_per_key: collections.Counter[str] | None = None) -> APIRouter:
     """The websocket, its stats and the browser client's files; `max_seconds` per conversation,
     which ends after `idle_seconds` without audio; at most `max_per_key` open at once per API
-    key (the one `KeyGuard` found; without keys there is no such limit)."""
+    key (the one `KeyGuard` found; without keys there is no such limit), counted in
+    `open_per_key` (shared with `/v1/realtime`'s, which serves the same driver)."""
     router = APIRouter(tags=["live"])
-    open_per_key: collections.Counter[str] = collections.Counter()
+    router.include_router(create_capacity_router(driver, max_seconds))
+    open_per_key = collections.Counter() if open_per_key is None else open_per_key
 
     @router.websocket("/api/chat")
     async def chat(ws: WebSocket) -> None:
@@ -212,7 +233,8 @@ def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: flo
 
     async def _serve(ws: WebSocket) -> None:
         try:
-            engine = await driver.engine()
+            wants_progress = ws.query_params.get("progress") == "1"
+            engine = await _engine_reporting_load(ws, driver, loading if wants_progress else lambda: None)
             sampling, seed, codec_name = parse_session_args(ws.query_params, engine.sampling)
             session = await driver.open(sampling, seed)
         except LiveBusyError as exc:
@@ -222,6 +244,8 @@ def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: flo
             return
         except MoshiError as exc:
             await _end(ws, f"error: {exc}", 1008 if isinstance(exc, InvalidParameterError) else 1011)
+            return
+        except GONE:  # hung up while the model loaded
             return
         codec = PcmCodec() if codec_name == "pcm" else OpusCodec()
         try:

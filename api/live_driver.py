@@ -8,6 +8,7 @@ stalled caller cannot stall the rest. A caller who sends faster than real time i
 as fast as the model goes, but never buffered without limit: a session holds at most
 `max_queued_seconds` of the caller's audio, and more ends it (`LiveInputError`). A step that
 fails as a whole ends every conversation with its error rather than stopping the loop.
+A draining driver (`drain`) refuses new conversations and lets the open ones run to their end.
 """
 
 import asyncio
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moshi_core.engines.live import LiveEngine, LiveFrame
-from moshi_core.errors import LiveInputError
+from moshi_core.errors import InvalidParameterError, LiveBusyError, LiveInputError
 from moshi_core.formats.pcm import SAMPLE_RATE
 from moshi_core.params import SamplingParams
 
@@ -105,6 +106,8 @@ class LiveDriver:
         self._step_lock = asyncio.Lock()  # open/close never run while a step does
         self._wake = asyncio.Event()
         self._sessions: dict[int, LiveSession] = {}
+        self._admitting = 0  # callers in `open`, waiting for a step to end before they are seated
+        self.draining = False
         self._loop_task: asyncio.Task | None = None
         self.ended: collections.deque[SessionStats] = collections.deque(maxlen=history)
         self.step_seconds: collections.deque[float] = collections.deque(maxlen=1000)
@@ -118,6 +121,18 @@ class LiveDriver:
         """None until the engine is loaded."""
         return None if self._engine is None else self._engine.num_slots
 
+    @property
+    def free_slots(self) -> int | None:
+        """Slots a new caller could still take (None until the engine is loaded). A caller counts
+        from the moment `open` is called, so two callers at once never both see the last slot."""
+        if self._engine is None:
+            return None
+        return max(self._engine.num_slots - len(self._sessions) - self._admitting, 0)
+
+    def drain(self) -> None:
+        """From now on, refuse new conversations; the open ones go on to their end."""
+        self.draining = True
+
     async def engine(self) -> LiveEngine:
         async with self._load_lock:
             if self._engine is None:
@@ -125,15 +140,29 @@ class LiveDriver:
             return self._engine
 
     async def open(self, sampling: SamplingParams | None = None, seed: int | None = None) -> LiveSession:
-        """A new conversation; raises LiveBusyError when every slot is taken."""
+        """A new conversation; raises LiveBusyError when every slot is taken or the driver drains."""
         engine = await self.engine()
-        async with self._step_lock:
-            slot = engine.open(sampling, seed)
-            session = LiveSession(slot, engine.frame_size, self._wake, self.max_queued_seconds)
-            self._sessions[slot] = session
+        self._admitting += 1
+        try:
+            async with self._step_lock:
+                if self.draining:  # under the lock: a drain may have begun while this caller waited
+                    raise LiveBusyError("this server is draining before it stops and takes no new conversations")
+                slot = engine.open(sampling, seed)
+                session = LiveSession(slot, engine.frame_size, self._wake, self.max_queued_seconds)
+                self._sessions[slot] = session
+        finally:
+            self._admitting -= 1  # no await since the seat was added: it is never counted twice
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
         return session
+
+    async def configure(self, session: LiveSession, sampling: SamplingParams, seed: int | None) -> None:
+        """New sampling parameters and seed for a conversation before its first audio
+        (InvalidParameterError after it)."""
+        async with self._step_lock:
+            if session._started:  # its first frame may be queued, not yet stepped: too late all the same
+                raise InvalidParameterError("sampling and seed are set before the conversation's first audio")
+            self._engine.configure(session.slot, sampling, seed)
 
     async def close(self, session: LiveSession) -> None:
         async with self._step_lock:

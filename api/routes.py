@@ -14,7 +14,7 @@ from workers.jobs import Job, JobKind, owner_of, public_name
 from .auth import authenticate
 from .errors import error_response
 from .metrics import render_metrics
-from .schemas import ErrorOut, JobOut, ModelOut, ModelsOut, content_type
+from .schemas import OPENAI_STT_MODELS, OPENAI_TTS_MODELS, ErrorOut, JobOut, ModelOut, ModelsOut, content_type
 from .service import JobService
 
 ERRORS = {status: {"model": ErrorOut} for status in (401, 404, 408, 409, 413, 422, 429, 503)}
@@ -154,15 +154,24 @@ def delete_job(job_id: str, jobs: Service, owner: Caller) -> Response:
     return Response(JobOut.of(job, {}).model_dump_json(), media_type="application/json")
 
 
-@router.get("/v1/models", response_model=ModelsOut, tags=["service"])
+@router.get("/v1/models", response_model=ModelsOut, tags=["service"],
+            summary="The models this server runs, and OpenAI's names for them (OpenAI's list shape)")
 def list_models(jobs: Service) -> ModelsOut:
     s = jobs.settings
-    moshi = [ModelOut(id=public_name(m), kind="moshi", default=m == s.default_model, jobs=[JobKind.DIALOGUE])
-             for m in s.models]
-    mimi = ModelOut(id=public_name(s.mimi), kind="mimi", default=True, jobs=[JobKind.ENCODE, JobKind.DECODE])
-    stt = ModelOut(id=public_name(s.stt_model), kind="stt", default=True, jobs=[JobKind.TRANSCRIBE])
-    tts = ModelOut(id=public_name(s.tts_model), kind="tts", default=True, jobs=[JobKind.TTS])
-    return ModelsOut(models=[*moshi, mimi, stt, tts])
+
+    def entries(source: str, kind: str, default: bool, kinds: list[JobKind],
+                aliases: tuple[str, ...] = ()) -> list[ModelOut]:
+        name = public_name(source)
+        owner = name.split("/")[0] if "/" in name else "local"  # a local folder is shown by its name
+        return [ModelOut(id=id_, owned_by=owner, kind=kind, default=default, jobs=kinds,
+                         alias_of=None if id_ == name else name) for id_ in (name, *aliases)]
+
+    return ModelsOut(data=[
+        *(m for source in s.models for m in entries(source, "moshi", source == s.default_model, [JobKind.DIALOGUE])),
+        *entries(s.mimi, "mimi", True, [JobKind.ENCODE, JobKind.DECODE]),
+        *entries(s.stt_model, "stt", True, [JobKind.TRANSCRIBE], OPENAI_STT_MODELS),
+        *entries(s.tts_model, "tts", True, [JobKind.TTS], OPENAI_TTS_MODELS),
+    ])
 
 
 # Both answer from the event loop: no request, however many, can make them wait for a pool thread.
@@ -182,7 +191,7 @@ async def readyz(request: Request):
         return error_response(503, "no_workers", f"the queue ({jobs.queue.name}) answers but no worker does: "
                               "start one with `celery -A workers worker` (see docs/deployment.md)")
     return {"status": "ready", "queue": jobs.queue.name, "workers": ready.workers, "pid": os.getpid(),
-            "checked_at": ready.checked_at}
+            "checked_at": ready.checked_at, "loading": jobs.loading()}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"],

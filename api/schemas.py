@@ -34,6 +34,8 @@ class JobOut(BaseModel):
     kind: JobKind
     state: JobState
     progress: float = Field(ge=0, le=1)
+    loading: dict | None = Field(None, description="while a running job waits for its model to load: the model, "
+                                 "its stage and, downloading, file, done/total bytes, rate (B/s), eta (s)")
     timings: Timings
     params: dict
     attempts: int = Field(description="how many times a worker started it (more than 1: a worker died)")
@@ -47,7 +49,7 @@ class JobOut(BaseModel):
         base = f"/v1/jobs/{job.id}"
         started, finished = job.started_at, job.finished_at
         return cls(
-            id=job.id, kind=job.kind, state=job.state, progress=job.progress,
+            id=job.id, kind=job.kind, state=job.state, progress=job.progress, loading=job.loading,
             timings=Timings(
                 created_at=job.created_at, started_at=started, finished_at=finished,
                 queued_seconds=None if started is None else round(started - job.created_at, 3),
@@ -71,12 +73,26 @@ def content_type(name: str) -> str:
     return CONTENT_TYPES.get(suffix, "application/octet-stream")
 
 
+# OpenAI's model names, accepted as names of the server's own model (OpenAI's clients send them).
+OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+OPENAI_STT_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+
+
 class ModelOut(BaseModel):
+    """OpenAI's model object, with what this server does with the model."""
+
     id: str
-    kind: str = Field(examples=["moshi", "mimi"])
+    object: str = "model"
+    created: int = Field(0, description="0: this server does not know when the model was made")
+    owned_by: str = Field(examples=["kyutai"])
+    kind: str = Field(examples=["moshi", "mimi", "stt", "tts"])
     default: bool
     jobs: list[JobKind]
+    alias_of: str | None = Field(None, description="an OpenAI name for the model `alias_of`")
 
 
 class ModelsOut(BaseModel):
-    models: list[ModelOut]
+    """OpenAI's model list."""
+
+    object: str = "list"
+    data: list[ModelOut]

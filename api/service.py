@@ -35,6 +35,7 @@ from workers.jobs import (
     JobStore,
     new_job_id,
     public_name,
+    redact_paths,
 )
 from workers.queue import JobQueue
 from workers.settings import Settings
@@ -99,6 +100,18 @@ class JobService:
     def __init__(self, settings: Settings, store: JobStore, queue: JobQueue) -> None:
         self.settings, self.store, self.queue = settings, store, queue
         self.readiness = ReadinessProbe(queue)
+
+    def loading(self) -> dict[str, dict]:
+        """The loads of this process's models under way or failed, by model (`/readyz`); a Celery
+        worker's own loads show in the jobs that wait for them."""
+        models = getattr(self.queue, "models", None)  # only the in-process queue holds models
+        if models is None:
+            return {}
+        loading = {name: status.to_dict() for name, status in models.progress.unfinished().items()}
+        for status in loading.values():  # anyone may ask /readyz: no server folder in an error
+            if "error" in status:
+                status["error"] = redact_paths(status["error"], self.settings)
+        return loading
 
     # Inputs.
 

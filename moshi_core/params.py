@@ -16,6 +16,8 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 # ... and how LM steps run on CUDA: eager, `torch.compile`, or compiled into CUDA graphs.
 GpuStep = Literal["eager", "compile", "cuda-graphs"]
 GPU_STEPS: tuple[GpuStep, ...] = ("eager", "compile", "cuda-graphs")
+# ... and whether float checkpoints are turned into 8-bit Q8_0 as they load (`load_lm`).
+QUANTIZE_MODES = ("none", "q8")
 
 
 @dataclass(frozen=True)

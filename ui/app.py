@@ -1,5 +1,6 @@
 """The whole server: the REST API, the live chat websocket and the Gradio page, on one model cache."""
 
+import collections
 import os
 import tempfile
 
@@ -11,7 +12,11 @@ from api import create_api
 from api.auth import install_auth
 from api.chat import create_chat_router
 from api.live_driver import LiveDriver
+from api.realtime import create_realtime_router
+from api.transcription_driver import TranscriptionDriver
 from moshi_core.engines.live import LiveEngine
+from moshi_core.engines.transcription import TranscriptionEngine
+from moshi_core.loading.progress import FAILED, READY, LoadStatus
 from ui.codec import decode_tab, encode_tab
 from ui.dialogue import dialogue_tab
 from ui.live import live_tab
@@ -49,13 +54,30 @@ def create_app(settings: Settings) -> FastAPI:
         moshi = models.moshi(settings.default_model)
         return LiveEngine(moshi, slots=settings.live_slots or (4 if moshi.lm.device.type == "cuda" else 1))
 
-    app.include_router(create_chat_router(LiveDriver(live_engine), max_seconds=settings.live_max_seconds,
+    def live_model_loading() -> LoadStatus | None:
+        """The load of the live conversation's model, while it is under way."""
+        status = models.progress.snapshot().get(models.moshi_name(settings.default_model))
+        return status if status is not None and status.stage not in (READY, FAILED) else None
+
+    def transcription_engine() -> TranscriptionEngine:
+        stt = models.stt()
+        return TranscriptionEngine(stt, slots=settings.live_slots or (4 if stt.lm.device.type == "cuda" else 1))
+
+    # One driver and one count per key for both doors to Moshi: /api/chat and /v1/realtime.
+    live_driver, open_per_key = LiveDriver(live_engine), collections.Counter()
+    app.include_router(create_chat_router(live_driver, max_seconds=settings.live_max_seconds,
                                           idle_seconds=settings.live_idle_seconds,
-                                          max_per_key=settings.key_max_conversations))
+                                          max_per_key=settings.key_max_conversations, loading=live_model_loading,
+                                          open_per_key=open_per_key))
+    app.include_router(create_realtime_router(
+        live_driver, TranscriptionDriver(transcription_engine), models={"moshi", settings.default_model},
+        max_seconds=settings.live_max_seconds, idle_seconds=settings.live_idle_seconds,
+        max_per_key=settings.key_max_conversations, open_per_key=open_per_key))
     install_auth(app, settings)
     # Uploads of this server only, in a folder of its own (Gradio's default, /tmp/gradio, is every
     # Gradio app's on the machine): the components read the variable when they are built.
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="moshi-gradio-"))
+    models.start_preload()  # in the background: the page is served meanwhile
     return gr.mount_gradio_app(app, build_ui(models), path="/", allowed_paths=[],
                                blocked_paths=[str(settings.storage_dir)],
                                app_kwargs={"middleware": [Middleware(UploadsOnly)]})

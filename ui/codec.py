@@ -9,7 +9,7 @@ import torch
 from moshi_core.formats.audio import load_audio, write_wav
 from moshi_core.formats.tokens import load_tokens, save_tokens
 from moshi_core.inference.codec import decode_tokens, encode_audio
-from ui.common import PROGRESS, out_path, progress_callback, shows_errors
+from ui.common import PROGRESS, download_file, load_shown, out_path, progress_callback, shows_errors
 from workers.models import ModelCache
 
 TOKEN_FILE_LABEL = "Token file (safetensors)"
@@ -30,7 +30,9 @@ def encode_tab(models: ModelCache) -> None:
         if not audio_path:
             raise gr.Error("Upload or record some audio first.")
         wav = load_audio(audio_path, max_seconds=models.settings.max_audio_seconds)
-        tokens = encode_audio(models.mimi(), wav, num_codebooks=int(num_codebooks),
+        with load_shown(models, progress):
+            mimi = models.mimi()
+        tokens = encode_audio(mimi, wav, num_codebooks=int(num_codebooks),
                               progress=progress_callback(progress, "encoding"))
         out = out_path(Path(audio_path).stem + ".mimi", ".safetensors")
         save_tokens(out, tokens)
@@ -43,7 +45,7 @@ def encode_tab(models: ModelCache) -> None:
         audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech")
         codebooks = gr.Slider(1, 32, value=8, step=1, label="Codebooks (8 is what Moshi uses; 32 sounds best)")
         button = gr.Button("Encode", variant="primary")
-        tokens_out = gr.File(label=TOKEN_FILE_LABEL)
+        tokens_out = download_file(TOKEN_FILE_LABEL)
         codes_out = gr.Image(label="The codes: one row per codebook, one column per 80 ms frame", type="numpy")
         button.click(encode, [audio_in, codebooks], tokens_out, api_name="encode").then(
             show_codes, tokens_out, codes_out, api_name=False)
@@ -54,7 +56,9 @@ def decode_tab(models: ModelCache) -> None:
     def decode(tokens_path: str | None, progress: gr.Progress = PROGRESS) -> str:
         if not tokens_path:
             raise gr.Error("Upload a token file (.safetensors) first.")
-        wav = decode_tokens(models.mimi(), tokens_path, progress=progress_callback(progress, "decoding"))
+        with load_shown(models, progress):
+            mimi = models.mimi()
+        wav = decode_tokens(mimi, tokens_path, progress=progress_callback(progress, "decoding"))
         out = out_path(Path(tokens_path).stem, ".wav")
         write_wav(out, torch.cat(wav, dim=-1))
         return str(out)

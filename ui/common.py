@@ -9,7 +9,9 @@ from pathlib import Path
 import gradio as gr
 
 from moshi_core.errors import MoshiError
+from moshi_core.loading.progress import DOWNLOADING, LoadStatus
 from moshi_core.models.mimi import Progress
+from workers.models import ModelCache
 
 
 def shows_errors(fn: Callable) -> Callable:
@@ -45,9 +47,24 @@ def progress_callback(progress: gr.Progress, label: str) -> Progress:
     return lambda done, total: progress(done / max(total, 1), desc=f"{label} {done}/{total} frames")
 
 
+def load_shown(models: ModelCache, progress: gr.Progress):
+    """Inside, the load of a model the handler waits for shows on its progress bar: the stage,
+    and a download's bytes, rate and time left."""
+    def show(status: LoadStatus) -> None:
+        fraction = status.done / status.total if status.stage == DOWNLOADING and status.total else None
+        progress(fraction, desc=status.describe())
+    return models.watching(show)
+
+
 def out_path(stem: str, suffix: str) -> Path:
     """A fresh file for Gradio to serve (it hands out files from the temp folder)."""
     return Path(tempfile.mkdtemp(prefix="moshi-")) / f"{stem}{suffix}"
+
+
+def download_file(label: str) -> gr.File:
+    """An output file the page offers to download, never an upload box (Gradio makes any
+    component that is also some event's input an upload box unless told otherwise)."""
+    return gr.File(label=label, interactive=False)
 
 
 SEED_LABEL = "Seed (-1: a new one each time)"
@@ -60,3 +77,8 @@ def seed_field() -> gr.Number:
 def seed_value(seed: float | None) -> int | None:
     """The seed field's value as a generator seed: negative or blank draws a new one."""
     return None if seed is None or seed < 0 else int(seed)
+
+
+def seed_shown(seed: int) -> str:
+    """The seed an answer was sampled with, as the page shows it beside the answer."""
+    return f"seed: {seed}"

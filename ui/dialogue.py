@@ -4,7 +4,8 @@ import gradio as gr
 
 from moshi_core.formats.audio import load_audio, write_wav
 from moshi_core.params import SamplingOverrides, SamplingParams
-from ui.common import PROGRESS, out_path, progress_callback, seed_field, seed_value, shows_errors
+from ui.common import (PROGRESS, load_shown, out_path, progress_callback, seed_field, seed_shown, seed_value,
+                       shows_errors)
 from workers.models import ModelCache
 
 
@@ -28,14 +29,15 @@ def dialogue_tab(models: ModelCache) -> None:
         overrides = sampling_overrides(own_settings, temp_text, temp_audio, greedy)
         wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
         # The engine the REST dialogue jobs of this process use: concurrent dialogues share steps.
-        engine = models.dialogue(settings.default_model)
+        with load_shown(models, progress):
+            engine = models.dialogue(settings.default_model)
         sampling = overrides.resolve(models.moshi(settings.default_model).generation_defaults)
         result = engine.run(wav, sampling=sampling, seed=seed_value(seed),
                             progress=progress_callback(progress, "dialogue"))
         voice, both = out_path("moshi", ".wav"), out_path("user-left-moshi-right", ".wav")
         write_wav(voice, result.audio)
         write_wav(both, result.stereo)
-        return str(voice), str(both), result.text, result.transcript()["words"]
+        return str(voice), str(both), result.text, result.transcript()["words"], seed_shown(result.seed)
 
     kyutai = SamplingParams()
     with gr.Tab("Dialogue from a file"):
@@ -48,11 +50,14 @@ def dialogue_tab(models: ModelCache) -> None:
             temp_audio = gr.Slider(0, 2, value=kyutai.temp, step=0.05, interactive=False, label="Audio temperature")
             greedy = gr.Checkbox(label="Greedy (no sampling)")
         talk = gr.Button("Let Moshi answer", variant="primary")
-        voice_out = gr.Audio(label="Moshi", type="filepath")
+        with gr.Row():
+            voice_out = gr.Audio(label="Moshi", type="filepath", scale=4)
+            # The seed it drew when the field said -1: typed back in, it gives this answer again.
+            seed_out = gr.Markdown()
         both_out = gr.Audio(label="Both sides (user left, Moshi right)", type="filepath")
         text_out = gr.Textbox(label="Moshi's text")
         words_out = gr.JSON(label="Words with timestamps (s)")
         own_settings.change(lambda own: [gr.update(interactive=not own)] * 2, own_settings, [temp_text, temp_audio],
                             api_name=False)
         talk.click(dialogue, [user_in, seed, own_settings, temp_text, temp_audio, greedy],
-                   [voice_out, both_out, text_out, words_out], api_name="dialogue")
+                   [voice_out, both_out, text_out, words_out, seed_out], api_name="dialogue")

@@ -8,7 +8,7 @@ import numpy as np
 from moshi_core.formats.audio import PcmStream, load_audio
 from moshi_core.formats.subtitles import FORMATS, format_transcript
 from moshi_core.inference.stt import LiveTranscription, Transcriber
-from ui.common import PROGRESS, out_path, progress_callback, shows_errors
+from ui.common import PROGRESS, download_file, load_shown, out_path, progress_callback, shows_errors
 from workers.models import ModelCache
 
 LiveState = tuple[LiveTranscription, PcmStream] | None
@@ -22,7 +22,9 @@ def transcribe_tab(models: ModelCache) -> None:
         if not audio_path:
             raise gr.Error("Upload or record some speech first.")
         wav = load_audio(audio_path, max_seconds=settings.max_audio_seconds)
-        (transcript,) = Transcriber(models.stt()).transcribe([wav], progress=progress_callback(progress, "transcribing"))
+        with load_shown(models, progress):
+            stt = models.stt()
+        (transcript,) = Transcriber(stt).transcribe([wav], progress=progress_callback(progress, "transcribing"))
         out = out_path(Path(audio_path).stem, "." + FORMATS[fmt])
         out.write_text(format_transcript(transcript, fmt))
         return transcript.text, [w.to_dict() for w in transcript.words], str(out)
@@ -54,7 +56,7 @@ def transcribe_tab(models: ModelCache) -> None:
             with gr.Column():
                 stt_text = gr.Textbox(label="Transcript", lines=4)
                 stt_words = gr.JSON(label="Words with timestamps (s)")
-                stt_file = gr.File(label="Transcript file")
+                stt_file = download_file("Transcript file")
         stt_button.click(transcribe_file, [stt_in, stt_format], [stt_text, stt_words, stt_file], api_name="transcribe")
         gr.Markdown("**Live**: press record and speak; words appear as they are recognised, the "
                     "model's delay behind you (0.5 s for stt-1b-en_fr, 2.5 s for stt-2.6b-en).")

@@ -9,7 +9,7 @@ from moshi_core.inference.tts import TTSRequest, TTSSession
 from moshi_core.loading.catalog import DEFAULT_VOICE
 from moshi_core.loading.tts_info import describe_tts
 from moshi_core.params import TTSParams
-from ui.common import seed_field, seed_value, shows_errors
+from ui.common import PROGRESS, load_shown, seed_field, seed_value, shows_errors
 from workers.models import ModelCache
 
 PIECES_PER_UPDATE = 5  # 0.4 s of audio per update of the streaming player
@@ -17,22 +17,26 @@ PIECES_PER_UPDATE = 5  # 0.4 s of audio per update of the streaming player
 
 def tts_tab(models: ModelCache) -> None:
     settings = models.settings
+    listed: list[str] = []  # the voices, once listed: the tab lists them on its first opening only
 
     def voices_for_picker():
-        try:
-            names = describe_tts(settings.tts_model, settings.tts_voices).voices.names()
-        except MoshiError as exc:  # the default voice still works: a warning, not an error
-            gr.Warning(f"Could not list the voices: {exc}")
-            names = [DEFAULT_VOICE]
-        return gr.update(choices=names)
+        if not listed:
+            try:
+                listed[:] = describe_tts(settings.tts_model, settings.tts_voices).voices.names()
+            except MoshiError as exc:  # the default voice still works: a warning, not an error
+                gr.Warning(f"Could not list the voices: {exc}")
+                return gr.update(choices=[DEFAULT_VOICE])
+        return gr.update(choices=listed)
 
     @shows_errors
-    def speak(text: str, voice: str, seed: float | None):
+    def speak(text: str, voice: str, seed: float | None, progress: gr.Progress = PROGRESS):
         """Audio as it is generated, for the streaming player, then the timed words."""
         if not text or not text.strip():
             raise gr.Error("Type something to say first.")
         params = TTSParams(seed=seed_value(seed))
-        session = TTSSession(models.tts(), [TTSRequest(" ".join(text.split()), voice or None, params)])
+        with load_shown(models, progress):
+            model = models.tts()
+        session = TTSSession(model, [TTSRequest(" ".join(text.split()), voice or None, params)])
         pending = []
         for chunk in session.stream():
             pending.append(chunk.pcm)

@@ -65,6 +65,7 @@ AUDIO_INPUT = "input.wav"  # the upload, decoded to 24 kHz mono float32 by the A
 TOKENS_INPUT = "input.safetensors"  # a token file the API has read and checked
 TEXT_INPUT = "input.txt"  # the text of a TTS job (UTF-8), never sent through the broker
 TTS_STREAM = "audio.pcm"  # a TTS job's audio as it is made (s16le, 24 kHz mono), read by /v1/audio/speech
+WORDS_STREAM = "words.jsonl"  # a transcription's words as they are recognised, one JSON a line, for streaming
 
 # The file each kind answers `GET /v1/jobs/{id}/result` with, and the content type of each artifact.
 PRIMARY_ARTIFACT = {
@@ -86,6 +87,8 @@ class Job:
     input_name: str  # the uploaded file's name, for the artifacts' download names
     state: JobState = JobState.QUEUED
     progress: float = 0.0
+    # While a running job waits for a model to load: its LoadStatus (stage, bytes downloaded...).
+    loading: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

@@ -16,13 +16,14 @@ import torch
 from moshi_core.formats.audio import atomic_write_bytes, load_audio, write_wav
 from moshi_core.formats.pcm import SAMPLE_RATE, pcm16_bytes
 from moshi_core.formats.subtitles import FORMATS, format_transcript
+from moshi_core.formats.text import Word
 from moshi_core.formats.tokens import MimiTokens, load_tokens, save_tokens
 from moshi_core.inference.codec import decode_tokens, encode_audio
 from moshi_core.inference.stt import Transcriber
 from moshi_core.inference.tts import TTSRequest, TTSSession
 from moshi_core.params import SamplingOverrides, TTSParams
 
-from .jobs import AUDIO_INPUT, TEXT_INPUT, TOKENS_INPUT, TTS_STREAM, Job, JobKind, public_name
+from .jobs import AUDIO_INPUT, TEXT_INPUT, TOKENS_INPUT, TTS_STREAM, WORDS_STREAM, Job, JobKind, public_name
 from .models import ModelCache
 
 Progress = Callable[[int, int], None]
@@ -54,7 +55,8 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
     write_wav(folder / "audio.wav", result.audio)
     write_wav(folder / "stereo.wav", result.stereo)
     # batch_peak: the most dialogues (this one included) that shared this one's steps.
-    transcript = {**result.transcript(), "model": public_name(moshi.source), "seed": p["seed"], "batch_peak": result.peak_batch}
+    transcript = {**result.transcript(), "model": public_name(moshi.source), "seed": result.seed,
+                  "batch_peak": result.peak_batch}
     atomic_write_bytes(folder / "transcript.json", json.dumps(transcript, ensure_ascii=False, indent=1).encode())
     codes = MimiTokens(codes=result.tokens[1:], num_samples=[result.audio.shape[-1]], codec=moshi.mimi.checkpoint_id)
     save_tokens(folder / "tokens.safetensors", codes)
@@ -62,7 +64,14 @@ def dialogue(job: Job, folder: Path, models: ModelCache, progress: Progress) -> 
 
 
 def transcribe(job: Job, folder: Path, models: ModelCache, progress: Progress) -> list[str]:
-    (transcript,) = Transcriber(models.stt()).transcribe([load_audio(folder / AUDIO_INPUT)], progress=progress)
+    # Each word appended as it is recognised (a rerun starts afresh), for a reader to stream.
+    with open(folder / WORDS_STREAM, "w", encoding="utf-8") as stream:
+        def write_words(_: int, words: list[Word]) -> None:
+            stream.writelines(json.dumps(w.to_dict(), ensure_ascii=False) + "\n" for w in words)
+            stream.flush()
+
+        (transcript,) = Transcriber(models.stt()).transcribe([load_audio(folder / AUDIO_INPUT)], progress=progress,
+                                                             on_words=write_words)
     names = []
     for fmt, suffix in FORMATS.items():
         text = format_transcript(transcript, fmt, model=public_name(models.settings.stt_model))

@@ -13,6 +13,7 @@ import time
 import traceback
 
 from moshi_core.errors import MoshiError
+from moshi_core.loading.progress import FAILED, READY, LoadStatus
 
 from .errors import JobCancelledError, JobNotFoundError
 from .jobs import Job, JobState, JobStore, redact_paths
@@ -41,6 +42,24 @@ class _Progress:
             if job.cancel_requested:
                 raise JobCancelledError("cancelled while running")
             job.progress = round(min(done / max(total, 1), 1.0) * 0.99, 4)  # 1.0 only once the files are written
+
+
+class _Loading:
+    """Shows the load of a model the job waits for in its record (`loading`): each stage, and a
+    download's bytes now and then."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.last, self.shown = 0.0, ("", None)
+
+    def __call__(self, status: LoadStatus) -> None:
+        now = time.monotonic()
+        over = status.stage in (READY, FAILED)
+        if (status.stage, status.file) == self.shown and now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last, self.shown = now, (status.stage, status.file)
+        with self.store.update(self.job_id) as job:
+            job.loading = None if over else status.to_dict()
 
 
 def _error_code(exc: BaseException) -> str:
@@ -84,7 +103,8 @@ def execute_job(job_id: str, store: JobStore, models: ModelCache) -> None:
     error: dict[str, str] | None = None
     state, artifacts = JobState.SUCCEEDED, []
     try:
-        artifacts = PIPELINES[job.kind](job, store.folder(job.id), models, _Progress(store, job.id))
+        with models.watching(_Loading(store, job.id)):
+            artifacts = PIPELINES[job.kind](job, store.folder(job.id), models, _Progress(store, job.id))
     except JobCancelledError:
         state = JobState.CANCELLED
     except MoshiError as exc:
@@ -96,6 +116,7 @@ def execute_job(job_id: str, store: JobStore, models: ModelCache) -> None:
         error["message"] = redact_paths(error["message"], models.settings)
     with store.update(job.id) as done:
         done.state, done.error, done.artifacts, done.finished_at = state, error, artifacts, time.time()
+        done.loading = None
         if state is JobState.SUCCEEDED:
             done.progress = 1.0
     log.info("job %s %s", job.id, state.value)

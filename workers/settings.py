@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE, DEFAULT_VOICE_REPO
-from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.params import DTYPE_NAMES, GpuStep
+from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES
+from moshi_core.params import DTYPE_NAMES, QUANTIZE_MODES, GpuStep
 
 from .errors import SettingsError, UnknownModelError
 
@@ -36,6 +36,7 @@ class Settings:
     tts_voices: str = DEFAULT_VOICE_REPO  # where the TTS voice embeddings come from
     device: str = "auto"
     dtype: str = "bfloat16"
+    quantize: str = "none"  # "q8": float LM checkpoints become 8-bit Q8_0 as they load
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
     metrics_key: str | None = None  # None: /metrics takes the API keys
     max_upload_bytes: int = 100 * 2**20
@@ -62,6 +63,7 @@ class Settings:
     live_idle_seconds: float = 30.0  # a live conversation with no audio this long ends
     key_max_conversations: int = 1  # live conversations one API key may hold open at once
     cpu_kernels: bool = True
+    preload: tuple[str, ...] = ()  # models the app loads at start, in the background (PRELOAD_NAMES)
     gpu_step: GpuStep = "eager"
     host: str = "127.0.0.1"
     port: int | None = None  # None: each front door's own (7860 for the app, 8000 for `python -m api`)
@@ -86,6 +88,7 @@ class Settings:
         values = {var.field: given[var.name] for var in VARIABLES
                   if var.field not in _COMBINED and given[var.name] is not None}
         model = given["MOSHI_MODEL"] or DEFAULT_LM_SOURCE
+        values["mimi"] = mimi_for(model, given["MOSHI_MIMI"])
         values["models"] = tuple(dict.fromkeys([model, *(given["MOSHI_MODELS"] or ())]))
         values["gpu_step"] = ("cuda-graphs" if given["MOSHI_CUDA_GRAPHS"] else
                               "compile" if given["MOSHI_COMPILE"] else "eager")
@@ -160,6 +163,35 @@ def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def read_variable(name: str, environ: Mapping[str, str] = os.environ) -> Any:
+    """One variable's parsed value, None when unset: for a flag whose default is a rule when it is."""
+    return next(var for var in VARIABLES if var.name == name).read(environ)
+
+
+def mimi_for(model: str, named: str | None = None) -> str:
+    """The Mimi a server uses: the one `named` (--mimi, MOSHI_MIMI), else the Mimi file of a
+    local Moshi folder when it holds one (the codec that model was made with), else Kyutai's."""
+    folder = Path(model).expanduser()
+    own = [folder / name for name in MIMI_FILENAMES if folder.is_dir() and (folder / name).is_file()]
+    return named or (str(own[0]) if own else DEFAULT_MIMI_SOURCE)
+
+
+# What MOSHI_PRELOAD may name, in the order `all` loads them: the live tab's model first.
+PRELOAD_NAMES = ("moshi", "mimi", "stt", "tts")
+
+
+def parse_preload(text: str) -> tuple[str, ...]:
+    """`none`, `all` or a comma-separated list of PRELOAD_NAMES -> the names, in their order."""
+    names = _names(text.lower())
+    if names == ("none",):
+        return ()
+    if names == ("all",):
+        return PRELOAD_NAMES
+    if not names or not set(names) <= set(PRELOAD_NAMES):
+        raise ValueError(text)
+    return tuple(n for n in PRELOAD_NAMES if n in names)
+
+
 def _switch(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError(text)
@@ -179,7 +211,8 @@ VARIABLES = (
              SOURCE, _text),
     Variable("MOSHI_MODELS", "models", "", "more Moshi models jobs may name (MOSHI_MODEL stays the default)",
              "comma-separated sources", _names),
-    Variable("MOSHI_MIMI", "mimi", DEFAULT_MIMI_SOURCE, "Mimi codec for encode and decode jobs", SOURCE, _text),
+    Variable("MOSHI_MIMI", "mimi", DEFAULT_MIMI_SOURCE, "Mimi codec for encode and decode jobs; unset: the "
+             "Mimi file of a local MOSHI_MODEL folder when it holds one", SOURCE, _text),
     Variable("MOSHI_STT_MODEL", "stt_model", DEFAULT_STT_SOURCE, "speech-to-text model", SOURCE, _text),
     Variable("MOSHI_TTS_MODEL", "tts_model", DEFAULT_TTS_SOURCE, "text-to-speech model", SOURCE, _text),
     Variable("MOSHI_TTS_VOICES", "tts_voices", DEFAULT_VOICE_REPO, "where the TTS voices come from",
@@ -188,8 +221,12 @@ VARIABLES = (
              "auto, cpu, cuda or cuda:N", _device),
     Variable("MOSHI_DTYPE", "dtype", "bfloat16", "weights and compute of the language models",
              ", ".join(DTYPE_NAMES), _choice(*DTYPE_NAMES)),
-    Variable("MOSHI_API_KEYS", "api_keys", "", "the keys every door but /healthz, /readyz and /login needs "
-             "(see docs/security.md); unset: no authentication",
+    Variable("MOSHI_QUANTIZE", "quantize", "none", "q8: the float checkpoints of the language models (Moshi, "
+             "STT, TTS) become 8-bit Q8_0 as they load, as in Kyutai's q8 GGUF (about half the memory); "
+             "8-bit checkpoints and Mimi are left as they are", " or ".join(QUANTIZE_MODES),
+             _choice(*QUANTIZE_MODES)),
+    Variable("MOSHI_API_KEYS", "api_keys", "", "the keys every door but /healthz, /readyz, /readyz/live and "
+             "/login needs (see docs/security.md); unset: no authentication",
              "comma-separated keys", lambda text: frozenset(_names(text))),
     Variable("MOSHI_METRICS_KEY", "metrics_key", "", "the one key `/metrics` takes (a Prometheus bearer token); "
              "unset: the API keys", "a key", _text),
@@ -230,6 +267,9 @@ VARIABLES = (
              "may hold open at once (with MOSHI_API_KEYS)", "an integer >= 1", _integer(1)),
     Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
              "comparisons)", SWITCH, _switch),
+    Variable("MOSHI_PRELOAD", "preload", "none", "models `python app.py` loads at start, in the background "
+             "(the page comes up at once; /readyz shows the progress); unset: each on first use",
+             "none, all, or a comma-separated list of " + ", ".join(PRELOAD_NAMES), parse_preload),
     Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,
              _switch),
     Variable("MOSHI_CUDA_GRAPHS", "gpu_step", "0", "the same in its CUDA-graph mode; wins over MOSHI_COMPILE",
@@ -241,7 +281,7 @@ VARIABLES = (
     Variable("PORT", "port", "", "port to listen on; unset: 7860 for the app, 8000 for `python -m api`",
              "an integer from 1 to 65535", _integer(1, 65535)),
 )
-_COMBINED = ("models", "gpu_step", "host")  # fields that several variables make together (see from_env)
+_COMBINED = ("models", "mimi", "gpu_step", "host")  # fields that several variables make together (see from_env)
 
 
 def render_table() -> str:

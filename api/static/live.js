@@ -1,13 +1,21 @@
 // The live conversation client: a <moshi-live> element that talks to /api/chat.
 //
-// Microphone -> AudioWorklet (24 kHz, echo cancellation and noise suppression requested) ->
-// 80 ms frames of int16 PCM over the websocket (`codec=pcm`, our documented variant of the
-// protocol); Moshi's audio comes back the same way into a small jitter buffer, its text is
-// shown as it arrives. window.moshiStats exposes the counters (tests read them).
+// Microphone -> AudioWorklet (at the device's rate, resampled to 24 kHz; echo cancellation and
+// noise suppression requested) -> 80 ms frames of int16 PCM over the websocket (`codec=pcm`, our
+// documented variant of the protocol); Moshi's audio comes back the same way into a small
+// jitter buffer, its text is shown as it arrives, and a notice says when the server cannot keep
+// up with real time. window.moshiStats exposes the counters (tests read them).
 
 (() => {
   const FRAME = 1920; // 80 ms at 24 kHz
-  const KIND = { handshake: 0, audio: 1, text: 2, error: 5 };
+  const FRAME_MS = 80;
+  // Moshi keeps up when a second of its audio arrives each second. Judged over the last PACE_MS,
+  // with two thresholds so that the notice does not flicker at the edge.
+  const PACE_MS = 4000;
+  const SLOW_BELOW = 0.9;
+  const RECOVERED_AT = 0.95;
+  const SLOW_NOTICE = "This machine is slower than real time: Moshi's voice will stutter. A GPU keeps up.";
+  const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
   const scriptUrl = document.currentScript ? document.currentScript.src : location.origin + "/api/chat/static/live.js";
   const workletUrl = new URL("live-worklet.js", scriptUrl).href;
   const chatUrl = new URL("../../chat", scriptUrl);
@@ -15,7 +23,8 @@
 
   const stats = (window.moshiStats = {
     state: "idle", framesSent: 0, framesReceived: 0, framesPlayed: 0, textMessages: 0,
-    underruns: 0, latencyMs: null, bufferMs: 0, error: null,
+    underruns: 0, latencyMs: null, bufferMs: 0, error: null, loading: null, pace: null, slow: false,
+    contextRate: null,
   });
 
   const TEMPLATE = `
@@ -30,6 +39,7 @@
       moshi-live .transcript { min-height: 6em; max-height: 16em; overflow-y: auto; padding: 8px;
         border: 1px solid #8884; border-radius: 6px; white-space: pre-wrap; }
       moshi-live .counters { font-size: 0.8em; opacity: 0.75; }
+      moshi-live .slow { padding: 6px 10px; border: 1px solid #d90; border-radius: 6px; background: #fd03; }
     </style>
     <div class="row">
       <button class="start" type="button">Start talking</button>
@@ -44,8 +54,35 @@
       <label>Audio top-k <input class="audio_topk" type="number" step="1" min="0" value="250"></label>
       <label>Seed (empty: random) <input class="seed" type="number" step="1" min="0"></label>
     </div>
+    <div class="slow" role="status" hidden>${SLOW_NOTICE}</div>
     <div class="transcript" aria-live="polite"></div>
     <div class="counters"></div>`;
+
+  // Seconds of Moshi's audio received per second over the last PACE_MS, from its first frame
+  // on; slow below SLOW_BELOW until it is back at RECOVERED_AT. Below 1 the machine running
+  // Moshi is slower than real time, and no buffer saves the voice from stuttering.
+  class Pace {
+    constructor() {
+      this.arrivals = [];
+      this.first = null;
+      this.ratio = null;
+      this.slow = false;
+    }
+
+    frame(now) {
+      if (this.first === null) this.first = now;
+      this.arrivals.push(now);
+    }
+
+    update(now) {
+      while (this.arrivals.length && this.arrivals[0] <= now - PACE_MS) this.arrivals.shift();
+      if (this.first !== null && now - this.first >= PACE_MS) {
+        this.ratio = (this.arrivals.length * FRAME_MS) / PACE_MS;
+        this.slow = this.ratio < (this.slow ? RECOVERED_AT : SLOW_BELOW);
+      }
+      return this.slow;
+    }
+  }
 
   class MoshiLive extends HTMLElement {
     connectedCallback() {
@@ -71,10 +108,13 @@
       this.ui("latency").textContent = stats.state === "connected" ? `${latency}buffer ${Math.round(stats.bufferMs)} ms` : "";
       this.ui("counters").textContent = `frames sent ${stats.framesSent} · received ${stats.framesReceived}` +
         ` · played ${stats.framesPlayed} · text ${stats.textMessages} · underruns ${stats.underruns}`;
+      stats.slow = stats.state === "connected" && this.pace.update(performance.now());
+      stats.pace = this.pace ? this.pace.ratio : null;
+      this.ui("slow").hidden = !stats.slow;
     }
 
     query() {
-      const params = new URLSearchParams({ codec: "pcm" });
+      const params = new URLSearchParams({ codec: "pcm", progress: "1" });
       for (const name of ["text_temperature", "text_topk", "audio_temperature", "audio_topk", "seed"]) {
         const value = this.ui(name).value;
         if (value !== "") params.set(name, value);
@@ -84,13 +124,17 @@
 
     async start() {
       Object.assign(stats, { framesSent: 0, framesReceived: 0, framesPlayed: 0, textMessages: 0,
-        underruns: 0, latencyMs: null, bufferMs: 0, error: null });
+        underruns: 0, latencyMs: null, bufferMs: 0, error: null, loading: null, pace: null, slow: false });
+      this.pace = new Pace();
       this.ui("transcript").textContent = "";
       this.setState("connecting", "connecting…");
       this.mic = await navigator.mediaDevices.getUserMedia({
-        audio: { channelCount: 1, sampleRate: 24000, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+        audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
       });
-      this.context = new AudioContext({ sampleRate: 24000 });
+      // At the device's rate: Firefox refuses a microphone in a context of another rate (its bug
+      // 1674892). The worklets resample to and from the wire's 24 kHz.
+      this.context = new AudioContext();
+      stats.contextRate = this.context.sampleRate;
       await this.context.audioWorklet.addModule(workletUrl);
       this.player = new AudioWorkletNode(this.context, "moshi-player", { processorOptions: { bufferMs: 160 } });
       this.player.connect(this.context.destination);
@@ -149,11 +193,19 @@
         const sent = this.sentAt[stats.framesReceived + 1];
         if (sent !== undefined) stats.latencyMs = performance.now() - sent;
         stats.framesReceived += 1;
+        this.pace.frame(performance.now());
       } else if (message[0] === KIND.text) {
         stats.textMessages += 1;
         const box = this.ui("transcript");
         box.textContent += new TextDecoder().decode(payload);
         box.scrollTop = box.scrollHeight;
+      } else if (message[0] === KIND.metadata) {
+        // Before the handshake, while the model loads: its stage and download progress.
+        const report = JSON.parse(new TextDecoder().decode(payload));
+        if (report.loading && stats.state === "connecting") {
+          stats.loading = report.text;
+          this.setState("connecting", `loading the model · ${report.text}`);
+        }
       } else if (message[0] === KIND.error) {
         stats.error = new TextDecoder().decode(payload);
       }

@@ -16,12 +16,20 @@ from moshi_core.loading.catalog import (
     TTS_MODELS,
 )
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.params import DTYPE_NAMES, SamplingParams
+from moshi_core.params import DTYPE_NAMES, QUANTIZE_MODES, SamplingParams
 
 MODEL_SOURCE_HELP = (
     "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
     "hf://OWNER/REPO/FILE URI, or a local file or folder; downloads honour HF_HOME, "
     "HF_HUB_OFFLINE and HF_TOKEN"
+)
+QUANTIZE_HELP = (
+    "q8: turn a float checkpoint's LM matrices (its linear layers and embeddings, what Kyutai's "
+    "q8 GGUF holds in 8 bits) into GGUF Q8_0 as they load; norms, biases and Mimi stay float. "
+    "The LM then takes 1.06 bytes per weight instead of 2 (Moshi 7B: 8.2 GB instead of 15.4), "
+    "and the float weights are never all in memory. A CPU step reads half the bytes of "
+    "bfloat16; on a GPU it saves memory but runs slower (the weights are dequantized for each "
+    "product). An 8-bit checkpoint such as the GGUF is 8-bit already: q8 changes nothing"
 )
 
 
@@ -68,13 +76,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: str) -> None:
-    """--model, --revision, --device, --dtype and --quiet, as every model command takes them."""
+    """--model, --revision, --device, --dtype, --quantize and --quiet, as every model command takes them."""
     parser.add_argument("--model", default=default_model, metavar="SOURCE",
                         help=f"the {what} model: {MODEL_SOURCE_HELP} (default: %(default)s)")
     parser.add_argument("--revision", help="pin a Hub revision of --model")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available; default)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
                         help="model weights and compute (default: %(default)s)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                        help=QUANTIZE_HELP + " (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
 
 
@@ -213,7 +223,7 @@ def _dialogue(args: argparse.Namespace) -> None:
                                   top_k_audio=args.top_k_audio, greedy=args.greedy)
     wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
     models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
-                        revision=args.revision)
+                        revision=args.revision, quantize=args.quantize)
     sampling = overrides.resolve(models.generation_defaults)
     progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
     batched = len(wavs) > 1
@@ -242,7 +252,7 @@ def _transcribe(args: argparse.Namespace) -> None:
 
     wavs = load_batch(args.audio, args.max_seconds)
     models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
-                      revision=args.revision)
+                      revision=args.revision, quantize=args.quantize)
     transcriber = Transcriber(models)
     batched = len(wavs) > 1
 
@@ -273,8 +283,12 @@ def _build_kernels(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the reason a build failed
     began = time.monotonic()
+    folder, cached = cpu_kernels.build_directory(), cpu_kernels.is_built()
+    if cpu_kernels.supported() and not cached:  # progress on stderr: stdout is the one-line result
+        print(f"building CPU kernels (about a minute, once per environment) into {folder}", file=sys.stderr, flush=True)
     built = cpu_kernels.kernels() is not None
-    state = "ready" if built else "not available, the portable PyTorch path runs"
+    state = f"ready, {'already built' if cached else 'built'} in {folder}" if built else \
+        "not available, the portable PyTorch path runs"
     if built and not cpu_kernels.ENABLED:
         state += ", but --no-cpu-kernels turns them off"
     print(f"CPU kernels: {state} ({time.monotonic() - began:.0f} s)")

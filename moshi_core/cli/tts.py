@@ -70,7 +70,7 @@ def run_tts(args: argparse.Namespace) -> None:
     info.check_cfg(args.cfg)
     info.voices.path(args.voice, allow_paths=True)
     model = load_tts(args.model, voices=args.voices, device=resolve_device(args.device),
-                     dtype=parse_dtype(args.dtype), revision=args.revision)
+                     dtype=parse_dtype(args.dtype), revision=args.revision, quantize=args.quantize)
     rate = model.mimi.frame_rate
 
     def progress(step: int) -> None:

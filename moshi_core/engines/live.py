@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from moshi_core.engines.slots import SlotTable
-from moshi_core.errors import LiveBusyError
+from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
 from moshi_core.loading.registry import MoshiModels
@@ -83,8 +83,16 @@ class LiveEngine:
         """A slot for a new conversation (a random seed when None); LiveBusyError when all are taken."""
         slot = self._table.seat(_Conversation(sampling or self.sampling, seed))
         if slot is None:
-            raise LiveBusyError(f"all {self.num_slots} conversation slots are in use")
+            raise LiveBusyError("the one conversation slot is in use" if self.num_slots == 1
+                                else f"all {self.num_slots} conversation slots are in use")
         return slot
+
+    def configure(self, slot: int, sampling: SamplingParams, seed: int | None) -> None:
+        """New sampling parameters and seed for a conversation that has not started yet."""
+        conversation = self._table[slot]
+        if conversation.steps:
+            raise InvalidParameterError("sampling and seed are set before the conversation's first audio")
+        conversation.sampling, conversation.seed = sampling, seed
 
     def close(self, slot: int) -> None:
         self._table.release(slot)

@@ -7,6 +7,7 @@ in the caller's thread; the workers' engine shares one batch among concurrent ca
 the same two ends.
 """
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -27,17 +28,24 @@ class DialogueResult:
     words: list[Word]  # Moshi's inner monologue, timed
     text: str
     tokens: torch.Tensor  # [1 + dep_q, F]: text then audio codes, one column per frame
+    seed: int  # the one it was sampled with: the same seed and input give the same answer
     peak_batch: int = 1  # the most dialogues stepped together while this one ran
 
     def transcript(self) -> dict:
         return {"text": self.text, "words": [w.to_dict() for w in self.words]}
 
 
+def fresh_seed() -> int:
+    """A seed for a dialogue asked without one, kept so its answer can be had again; below 2**31
+    so every client holds it exactly (a JavaScript number, a form's integer field)."""
+    return secrets.randbelow(2**31)
+
+
 def encode_dialogues(
     models: MoshiModels, wavs: list[torch.Tensor], sampling: SamplingParams | None, seed: int | None
 ) -> tuple[list[Dialogue], list[torch.Tensor]]:
-    """One `Dialogue` per 24 kHz waveform [1, T] (the model's sampling when None), and each
-    user's waveform as Mimi heard it, for the stereo of the result."""
+    """One `Dialogue` per 24 kHz waveform [1, T] (the model's sampling when None; a fresh seed
+    each when `seed` is None), and each user's waveform as Mimi heard it, for the stereo of the result."""
     if not wavs:
         raise InvalidParameterError("no audio for the dialogue")
     sampling = sampling or SamplingParams.from_config(models.generation_defaults)
@@ -47,7 +55,8 @@ def encode_dialogues(
     with torch.inference_mode():
         codes = mimi.encode(batch.to(mimi.device), num_codebooks=user_streams).to(lm.device)  # [B, n_user, F]
     frames = [-(-n // mimi.frame_size) for n in lengths]
-    dialogues = [Dialogue(codes[i, :, :f], sampling, seed) for i, f in enumerate(frames)]
+    dialogues = [Dialogue(codes[i, :, :f], sampling, fresh_seed() if seed is None else seed)
+                 for i, f in enumerate(frames)]
     return dialogues, [batch[i, :, :n] for i, n in enumerate(lengths)]
 
 
@@ -63,7 +72,7 @@ def dialogue_result(models: MoshiModels, dialogue: Dialogue, user: torch.Tensor)
         text.push(token, t)
     words = text.flush()
     return DialogueResult(audio=moshi, stereo=torch.cat([user, moshi]), words=words, text=text.text,
-                          tokens=tokens.cpu(), peak_batch=dialogue.peak_batch)
+                          tokens=tokens.cpu(), seed=dialogue.seed, peak_batch=dialogue.peak_batch)
 
 
 def run_dialogue(

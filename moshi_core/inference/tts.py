@@ -127,8 +127,10 @@ def load_tts(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> TTSModel:
-    """A TTS model from a repo id, hf:// URI or folder laid out like `kyutai/tts-1.6b-en_fr`."""
+    """A TTS model from a repo id, hf:// URI or folder laid out like `kyutai/tts-1.6b-en_fr`;
+    `quantize="q8"` makes its LM's matrices 8-bit as they load (the conditioners stay float32)."""
     config = read_config(parse_source(source, revision), revision)
     if "tts_config" not in config:
         raise ModelSourceError(f"{source} is not a TTS model: its config.json has no tts_config")
@@ -136,7 +138,7 @@ def load_tts(
         tts_config = TTSConfig.from_dict(config["tts_config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the tts_config of {source} is not supported: {exc}") from exc
-    models = load_moshi(source, device=device, dtype=dtype, revision=revision)
+    models = load_moshi(source, device=device, dtype=dtype, revision=revision, quantize=quantize)
     if models.lm.cfg.n_q != models.lm.cfg.dep_q:
         raise CheckpointError(f"{source}: a TTS model generates all its audio streams (n_q == dep_q)")
     return TTSModel(models.lm, models.mimi, models.tokenizer, tts_config, voice_repo(config, voices), str(source))

@@ -1,7 +1,9 @@
 """Loading Kyutai's released checkpoints into our modules, keys unchanged.
 
 The model is built on the `meta` device, then given fresh storage and filled from the file
-(8-bit matrices become 8-bit weights instead, see `moshi_core.kernels.q8`).
+(8-bit matrices become 8-bit weights instead, see `moshi_core.kernels.q8`). With
+`quantize="q8"` a float LM checkpoint becomes Q8_0 as it is read, tensor by tensor, so its
+float weights are never all in memory (`read_safetensors_as_q8`).
 Copying (instead of assigning the file's tensors) costs one pass over the weights but gives
 64-byte aligned buffers, which the CPU matrix kernels read measurably faster.
 """
@@ -13,11 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moshi_core.errors import CheckpointError
+from safetensors import SafetensorError, safe_open
+
+from moshi_core.errors import CheckpointError, InvalidParameterError
 from moshi_core.kernels import build as cpu_kernels
 from moshi_core.loading.files import read_safetensors
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES, resolve_file
 from moshi_core.models.mimi import MimiConfig, MimiModel
+from moshi_core.params import QUANTIZE_MODES
 
 if TYPE_CHECKING:
     from moshi_core.models.lm import LMConfig, LMModel
@@ -82,6 +87,43 @@ def checkpoint_id(source: str | os.PathLike, path: Path) -> str:
     return f"{repo[0]}/{repo[1].split('@')[0]}/{path.name}"
 
 
+def wants_q8(quantize: str | None) -> bool:
+    """True for "q8"; False for None or "none"; InvalidParameterError for anything else."""
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise InvalidParameterError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
+    return quantize == "q8"
+
+
+# Kept float32 whatever the dtype (see `load_lm`), and tiny: never quantized.
+_FLOAT_ONLY_PREFIX = "condition_provider."
+
+
+def read_safetensors_as_q8(path: str | os.PathLike) -> dict:
+    """A float LM checkpoint with every matrix that Candle's q8 GGUF holds in Q8_0
+    (`is_q8_matrix`: embeddings and linear layers) quantized as it is read; norms, biases,
+    matrices whose rows are not whole blocks of 32, and conditioners stay as they are.
+
+    Each tensor is read into memory of its own (`pread`, not a map of the whole file), and
+    dropped once quantized, so at most one float tensor is held at a time. A file that
+    already holds 8-bit weights (bitsandbytes' `_scb` scales) is read unchanged.
+    """
+    from moshi_core.kernels.quantize import is_q8_matrix, quantize_q8_0
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", backend="pread") as f:
+            names = list(f.keys())
+            already_8bit = any(name.endswith("_scb") for name in names)
+            state = {}
+            for name in names:
+                tensor = f.get_tensor(name)
+                if not already_8bit and is_q8_matrix(tensor) and not name.startswith(_FLOAT_ONLY_PREFIX):
+                    tensor = quantize_q8_0(tensor)
+                state[name] = tensor
+            return state
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
 def load_lm(
     path: str | os.PathLike,
     config: "LMConfig",
@@ -89,24 +131,28 @@ def load_lm(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     dequantize: bool = False,
+    quantize: str | None = None,
 ) -> "LMModel":
     """The Moshi LM from Kyutai's `model.safetensors` (PyTorch or Candle names), Candle
     `model.q8.gguf` or PyTorch `model.q8.safetensors`, computing in `dtype`.
 
     8-bit matrices stay int8 in memory (see `moshi_core.kernels.q8`); with `dequantize` they are
-    dequantized and held in `dtype` instead, like any float checkpoint.
+    dequantized and held in `dtype` instead, like any float checkpoint. `quantize="q8"` makes
+    a float checkpoint's matrices Q8_0 as they load, the ones and the values Candle's
+    `model.q8.gguf` would hold; on an 8-bit checkpoint it changes nothing.
     """
     from moshi_core.kernels.q8 import join_row_scales
     from moshi_core.loading.gguf import candle_to_ours, is_candle_layout, read_gguf
     from moshi_core.models.lm import LMModel
 
+    q8 = wants_q8(quantize)
     path = Path(path)
     with torch.device("meta"):
         model = LMModel(config)
     if path.suffix == ".gguf":
         state = candle_to_ours(read_gguf(path), config.dep_q, path.name)
     else:
-        state = read_safetensors(path)
+        state = read_safetensors_as_q8(path) if q8 else read_safetensors(path)
         if is_candle_layout(state):  # `*-candle-bf16` repos: Candle names in a safetensors file
             state = candle_to_ours(state, config.dep_q, path.name)
         state = join_row_scales(state)  # `*-pytorch-q8` repos: int8 weights with `_scb` scales

@@ -6,16 +6,27 @@
     /path/to/file.safetensors, /path/to/dir    local files, used as they are
 
 Downloads go through `huggingface_hub`, so its cache (`HF_HOME`, `HF_HUB_CACHE`), offline mode
-(`HF_HUB_OFFLINE=1`) and token (`HF_TOKEN`) apply unchanged.
+(`HF_HUB_OFFLINE=1`) and token (`HF_TOKEN`) apply unchanged. Two things are our own:
+
+- Failing fast. `huggingface_hub` retries an unreachable Hub for about 25 s per file before it
+  gives up. Before each download we ask the Hub once, with a short timeout; when it does not
+  answer, the file comes from the cache alone (as offline) and the Hub is not asked again for
+  `UNREACHABLE_SECONDS`, so every request meanwhile answers at once, cached files still work.
+- Progress. A download made inside a recorded load (`moshi_core.loading.progress`) reports its
+  bytes there instead of drawing a progress bar.
 """
 
 import os
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import NoneType
 
 from moshi_core.errors import ModelSourceError
+from moshi_core.loading.progress import LOADING_WEIGHTS, report_download, report_stage
 
 DEFAULT_MODEL_REPO = "kyutai/moshika-candle-q8"
 MIMI_FILENAMES = (
@@ -28,6 +39,8 @@ DEFAULT_MIMI_SOURCE = DEFAULT_MODEL_REPO
 _HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 _REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # a branch, tag or commit
 _FILE_PART = re.compile(r"(?!\.{1,2}$)[^\\\x00-\x1f]+")  # a folder or file name of the repo
+HUB_TIMEOUT = 3.0  # seconds the Hub has to answer the one check before a download
+UNREACHABLE_SECONDS = 60.0  # how long an unreachable Hub is left alone (cache only meanwhile)
 
 
 @dataclass(frozen=True)
@@ -94,28 +107,115 @@ def resolve_file(source: str | os.PathLike, candidates: Sequence[str], revision:
         raise ModelSourceError(f"{parsed.local} holds none of: {', '.join(candidates)}")
     names = [parsed.filename] if parsed.filename else list(candidates)
     missing: list[str] = []
+    uncached: list[_NotCachedError] = []
     for name in names:
-        path = _download(parsed, name)
+        try:
+            path = _download(parsed, name)
+        except _NotCachedError as exc:  # offline, or the Hub is away: a later name may be in the cache
+            uncached.append(exc)
+            continue
         if path is not None:
             return path
         missing.append(name)
+    if len(uncached) == 1:
+        raise uncached[0]
+    if uncached:
+        raise _NotCachedError(_not_cached(f"{parsed.repo_id} (none of {', '.join(names)})")) from uncached[-1]
     raise ModelSourceError(f"{parsed} has none of: {', '.join(missing)}")
+
+
+class _NotCachedError(ModelSourceError):
+    """A file that is not in the HF cache while the Hub cannot be asked."""
+
+
+def _not_cached(what: str) -> str:
+    return (f"cannot fetch {what}: it is not in the Hugging Face cache and the Hub cannot be "
+            "reached (HF_HUB_OFFLINE is set or there is no network). Download it once with "
+            "network access, or pass a local path.")
+
+
+class _HubReachability:
+    """Whether the Hub answered lately: asked at most once per download, and not at all for
+    `UNREACHABLE_SECONDS` after it did not answer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_until: dict[str, float] = {}  # endpoint -> monotonic time
+
+    def reachable(self) -> bool:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        endpoint = constants.ENDPOINT
+        with self._lock:
+            if time.monotonic() < self._down_until.get(endpoint, 0.0):
+                return False
+        try:
+            get_session().head(endpoint, timeout=HUB_TIMEOUT)  # any answer, even an error status, will do
+            return True
+        except Exception:  # noqa: BLE001 (httpx's connection and timeout errors, a proxy's: all mean "no answer")
+            with self._lock:
+                self._down_until[endpoint] = time.monotonic() + UNREACHABLE_SECONDS
+            return False
+
+
+HUB = _HubReachability()
+
+
+def hub_offline() -> bool:
+    """True when the Hub is not to be asked now: offline mode, or it did not answer lately."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or not HUB.reachable()
+
+
+def _progress_bar(filename: str) -> type:
+    """A stand-in for tqdm that `huggingface_hub` drives: it reports the bytes of `filename` to
+    the load this runs under instead of drawing (no bar spam in a log file)."""
+
+    class Bar:
+        def __init__(self, *args, total: int | None = None, initial: int = 0, **kwargs) -> None:
+            self.total, self.n = total, initial
+            report_download(filename, self.n, self.total)
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+            report_download(filename, self.n, self.total)
+
+        def update_transfer(self, n: int) -> None:
+            """Xet's bytes over the network: `update` counts the file's own, which is what we show.
+            (Having this method is also what makes Xet drive one bar, not two.)"""
+
+        def set_postfix_str(self, *args, **kwargs) -> None:
+            pass
+
+        set_transfer_postfix_str = set_postfix_str
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> "Bar":
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.close()
+
+    return Bar
 
 
 def _download(source: ModelSource, filename: str) -> Path | None:
     """Fetch one file; None when the repo exists but lacks it."""
     from huggingface_hub import errors as hf_errors
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     where = f"{source.repo_id}/{filename}" + (f" at revision {source.revision}" if source.revision else "")
     try:
-        return Path(hf_hub_download(source.repo_id, filename, revision=source.revision))
+        path = hf_hub_download(source.repo_id, filename, revision=source.revision, local_files_only=hub_offline(),
+                               tqdm_class=_progress_bar(filename))
     except hf_errors.LocalEntryNotFoundError as exc:
-        raise ModelSourceError(
-            f"cannot fetch {where}: it is not in the Hugging Face cache and the Hub cannot be "
-            "reached (HF_HUB_OFFLINE is set or there is no network). Download it once with "
-            "network access, or pass a local path."
-        ) from exc
+        if not isinstance(try_to_load_from_cache(source.repo_id, filename, revision=source.revision), (str, NoneType)):
+            return None  # the cache remembers that the repo lacks it (its "no exist" marker)
+        raise _NotCachedError(_not_cached(where)) from exc
     except hf_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
         return None
     except hf_errors.GatedRepoError as exc:
@@ -126,3 +226,6 @@ def _download(source: ModelSource, filename: str) -> Path | None:
         raise ModelSourceError(f"{source.repo_id} has no revision {source.revision!r}") from exc
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise ModelSourceError(f"cannot fetch {where}: {exc}") from exc
+    finally:
+        report_stage(LOADING_WEIGHTS)  # after a download (a no-op outside a load)
+    return Path(path)

@@ -4,7 +4,8 @@ A source is a Hub repo laid out like Kyutai's (`kyutai/moshika-pytorch-bf16`), a
 URI of such a repo, or a local folder with the same files. `config.json`, when present,
 gives the LM config and the file names (`moshi_name`, `mimi_name`, `tokenizer_name`, which
 may themselves be `hf://` URIs); without it the Moshi 7B preset and Kyutai's file names
-apply, as in Kyutai's loader.
+apply, as in Kyutai's loader. `quantize="q8"` turns a float LM into Q8_0 as it loads
+(`moshi_core.loading.checkpoints.load_lm`); Mimi always stays float32.
 """
 
 import os
@@ -16,7 +17,7 @@ import torch
 from moshi_core.errors import CheckpointError, ModelSourceError
 from moshi_core.formats.text import TextTokenizer
 from moshi_core.loading.catalog import DEFAULT_LM_SOURCE
-from moshi_core.loading.checkpoints import load_lm, load_mimi
+from moshi_core.loading.checkpoints import load_lm, load_mimi, wants_q8
 from moshi_core.loading.files import file_in, read_config
 from moshi_core.loading.hub import parse_source
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
@@ -47,7 +48,9 @@ def load_moshi(
     dtype: torch.dtype = torch.bfloat16,
     revision: str | None = None,
     gpu_step: GpuStep = "eager",
+    quantize: str | None = None,
 ) -> MoshiModels:
+    wants_q8(quantize)  # a bad value fails before any download
     parsed = parse_source(source, revision)
     if parsed.local is not None and parsed.local.is_file():
         raise ModelSourceError(f"{parsed.local} is a file: give the folder that holds the model's files")
@@ -57,7 +60,7 @@ def load_moshi(
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the config.json of {source} does not describe a supported LM: {exc}") from exc
     lm_path = file_in(parsed, config.get("moshi_name", LM_FILENAMES), revision)
-    lm = load_lm(lm_path, lm_config, dtype=dtype, device=device)
+    lm = load_lm(lm_path, lm_config, dtype=dtype, device=device, quantize=quantize)
     mimi_name = config.get("mimi_name")
     if mimi_name:
         mimi_source = str(file_in(parsed, mimi_name, revision))

@@ -11,6 +11,7 @@ The voice repo itself can be a Hub repo id or a local folder with the same layou
 """
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from moshi_core.errors import CheckpointError, InvalidParameterError, ModelSourceError
 from moshi_core.loading.files import read_safetensors
-from moshi_core.loading.hub import ModelSource, parse_source, resolve_file
+from moshi_core.loading.hub import ModelSource, hub_offline, parse_source, resolve_file
 
 
 @dataclass(frozen=True)
@@ -86,17 +87,30 @@ class VoiceRepo:
         return sorted(f.removesuffix(self.suffix) for f in files if f.endswith(self.suffix))
 
 
+# (repo id, revision) -> its file list. A voice repo changes rarely and a listing is a round
+# trip to the Hub (25 s of retries when it is unreachable): a process lists each repo once.
+_LISTED: dict[tuple[str, str | None], list[str]] = {}
+_LISTED_LOCK = threading.Lock()
+
+
 def _hub_files(repo_id: str, revision: str | None) -> list[str]:
-    """The repo's file list: from the Hub, or from the local cache when offline."""
+    """The repo's file list: from the Hub (once per process), or from the local cache when
+    offline or the Hub does not answer."""
     from huggingface_hub import list_repo_files, snapshot_download
 
+    with _LISTED_LOCK:
+        if (repo_id, revision) in _LISTED:
+            return _LISTED[repo_id, revision]
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-            return list_repo_files(repo_id, revision=revision)
-        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        if hub_offline():
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # not kept: it grows
+        files = list_repo_files(repo_id, revision=revision)
     except Exception as exc:  # huggingface_hub raises many kinds; all mean "cannot list"
         raise ModelSourceError(f"cannot list the voices of {repo_id}: {exc}") from exc
+    with _LISTED_LOCK:
+        _LISTED[repo_id, revision] = files
+    return files
 
 
 def load_voice(path: str | os.PathLike) -> torch.Tensor:

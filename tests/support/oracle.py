@@ -190,15 +190,21 @@ def candle_state_dict(official: dict[str, torch.Tensor], dep_q: int) -> dict[str
 
 
 def write_candle_gguf(path: Path, official: dict[str, torch.Tensor], dep_q: int) -> Path:
+    """A GGUF of the checkpoint under Candle's names, as Candle's tensor-tools quantizes it."""
+    return write_q8_gguf(path, candle_state_dict(official, dep_q))
+
+
+def write_q8_gguf(path: Path, tensors: dict[str, torch.Tensor], keep_float: tuple[str, ...] = ()) -> Path:
     """A GGUF as Candle's `tensor-tools quantize --quantization q8_0` writes it: 2-D tensors
-    whose last dimension is a multiple of 32 in Q8_0, everything else in F32."""
+    whose last dimension is a multiple of 32 in Q8_0 (with the `gguf` package, llama.cpp's
+    own rule), everything else, and the names starting with `keep_float`, in F32."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "moshi")
-    for name, value in sorted(candle_state_dict(official, dep_q).items()):
+    for name, value in sorted(tensors.items()):
         array = value.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+        if array.ndim == 2 and array.shape[-1] % 32 == 0 and not name.startswith(keep_float):
             writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
                               raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

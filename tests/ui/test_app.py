@@ -53,13 +53,17 @@ def test_dialogue_tab(app_url, shared_audio):
     from gradio_client import Client, handle_file
 
     client = Client(app_url, verbose=False)
-    voice, both, text, words = client.predict(
-        handle_file(str(shared_audio / "en_short_16k.wav")), 1, False, 0.7, 0.8, False, api_name="/dialogue"
-    )
+    speech = handle_file(str(shared_audio / "en_short_16k.wav"))
+    voice, both, text, words, seed = client.predict(speech, -1, False, 0.7, 0.8, False, api_name="/dialogue")
     n = round(sf.info(str(shared_audio / "en_short_16k.wav")).frames * 24000 / 16000)
     assert sf.info(voice).channels == 1 and sf.info(both).channels == 2
     assert abs(sf.info(voice).frames - n) <= 1
     assert isinstance(text, str) and isinstance(words, list)
+    # The seed it drew is shown, and typed back in it gives the same answer.
+    drawn = int(seed.removeprefix("seed: "))
+    again, *_, seed_again = client.predict(speech, drawn, False, 0.7, 0.8, False, api_name="/dialogue")
+    assert seed_again == seed
+    assert (sf.read(again)[0] == sf.read(voice)[0]).all()
 
 
 def test_rest_api_is_served_beside_the_ui_and_runs_jobs_in_process(app_url, shared_audio):

@@ -53,6 +53,16 @@ def test_live_tab_talks_with_moshi(app_url, page):
     live = page.locator("moshi-live")
     live.get_by_role("button", name="Start talking").click(timeout=30_000)
     page.wait_for_function("() => window.moshiStats.state === 'connected'", timeout=30_000)
+    # The context runs at the browser's own rate (44.1 kHz in headless Chromium here), not 24 kHz
+    # (Firefox refuses a microphone then): the worklet resamples, and 80 ms frames still leave at real time.
+    rate = page.evaluate("() => window.moshiStats.contextRate")
+    own_rate = "() => { const context = new AudioContext(); context.close(); return context.sampleRate; }"
+    assert rate == page.evaluate(own_rate) and rate != 24000
+    clock = "() => [performance.now(), window.moshiStats.framesSent]"
+    t0, sent0 = page.evaluate(clock)
+    page.wait_for_timeout(3000)
+    t1, sent1 = page.evaluate(clock)
+    assert (sent1 - sent0) * 80 == pytest.approx(t1 - t0, rel=0.15)
     # Moshi's audio is played while the microphone keeps sending, and its text shows up.
     page.wait_for_function("() => window.moshiStats.framesPlayed >= 15 && window.moshiStats.textMessages >= 1",
                            timeout=30_000)
@@ -60,6 +70,11 @@ def test_live_tab_talks_with_moshi(app_url, page):
     assert len(during) == 1 and during[0]["frames_in"] >= 15 and during[0]["frames_out"] >= 15
     assert live.locator(".transcript").inner_text().strip()
     assert "round trip" in live.locator(".latency").inner_text()
+    # The slower-than-real-time notice shows exactly when the page judges Moshi behind.
+    pace, slow, hidden = page.evaluate("() => [window.moshiStats.pace, window.moshiStats.slow, "
+                                       "document.querySelector('moshi-live .slow').hidden]")
+    print(f"context {rate} Hz; Moshi's audio at {pace} of real time")
+    assert hidden == (not slow)
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "live_tab.png"
     page.screenshot(path=str(screenshot), full_page=True)
