@@ -92,6 +92,8 @@ class Settings:
         values["models"] = tuple(dict.fromkeys([model, *(given["MOSHI_MODELS"] or ())]))
         values["gpu_step"] = ("cuda-graphs" if given["MOSHI_CUDA_GRAPHS"] else
                               "compile" if given["MOSHI_COMPILE"] else "eager")
+        if given["MOSHI_PRELOAD"] is None and environ.get("SPACE_ID"):  # set on every Hugging Face Space
+            values["preload"] = SPACE_PRELOAD
         if host := given["HOST"] or given["GRADIO_SERVER_NAME"]:
             values["host"] = host
         return cls(**values)
@@ -178,6 +180,7 @@ def mimi_for(model: str, named: str | None = None) -> str:
 
 # What MOSHI_PRELOAD may name, in the order `all` loads them: the live tab's model first.
 PRELOAD_NAMES = ("moshi", "mimi", "stt", "tts")
+SPACE_PRELOAD = ("moshi", "mimi")  # what the live tab and the codec tabs need, on a Space's GPU
 
 
 def parse_preload(text: str) -> tuple[str, ...]:
@@ -268,7 +271,8 @@ VARIABLES = (
     Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
              "comparisons)", SWITCH, _switch),
     Variable("MOSHI_PRELOAD", "preload", "none", "models `python app.py` loads at start, in the background "
-             "(the page comes up at once; /readyz shows the progress); unset: each on first use",
+             "(the page comes up at once; /readyz shows the progress); unset: each on first use, except "
+             "on a Hugging Face Space (SPACE_ID set): moshi,mimi",
              "none, all, or a comma-separated list of " + ", ".join(PRELOAD_NAMES), parse_preload),
     Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,
              _switch),

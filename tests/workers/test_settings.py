@@ -42,6 +42,9 @@ def test_the_variables_make_the_fields(tmp_path):
     assert settings.dtype == "bfloat16"  # blank is unset
     assert Settings.from_env({"MOSHI_COMPILE": "1"}).gpu_step == "compile"
     assert Settings.from_env({"HOST": "h", "GRADIO_SERVER_NAME": "g"}).host == "h"
+    # A Hugging Face Space preloads what its live tab needs, unless told otherwise.
+    assert Settings.from_env({"SPACE_ID": "me/moshi"}).preload == ("moshi", "mimi")
+    assert Settings.from_env({"SPACE_ID": "me/moshi", "MOSHI_PRELOAD": "none"}).preload == ()
 
 
 def test_the_documented_defaults_are_the_defaults(monkeypatch):
