@@ -7,7 +7,8 @@
 other). Both sides get random weights of the same shapes and dtype (timing does not depend
 on the values) and the same user codes; the greedy step (temporal transformer + 8 depth
 steps) is timed. Beside each figure: the memory-bandwidth bound, i.e. the bytes of weights a
-step must read divided by this machine's measured read bandwidth.
+step must read divided by this machine's read bandwidth (`bench/bandwidth.py`: a plain
+streaming read, measured before and after the run; the larger is used).
 
 A child run (`--side`) measures one configuration and prints JSON; `bench/run_all.py` and
 `bench/q8_bench.py` drive them:
@@ -23,7 +24,6 @@ A child run (`--side`) measures one configuration and prints JSON; `bench/run_al
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support"), str(ROOT / "bench")]
+
+from bandwidth import read_bandwidth  # noqa: E402
+from child import run_child  # noqa: E402
+from machine import machine_line  # noqa: E402
+from reads import step_bytes  # noqa: E402
 
 FRAME_SECONDS = 0.08
 
@@ -54,50 +59,12 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(chunk.normal_(0, p.shape[-1] ** -0.5, generator=g) if p.dim() > 1 else chunk.fill_(1.0))
 
 
-def step_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per step: all but the embedding tables (one row each is read),
-    8-bit ones as their int8 values and float16 scales."""
-    from moshi_core.kernels.q8 import Q8Weight
-
-    total = 0
-    for name, p in model.named_parameters():
-        if "emb" not in name:
-            total += p.numel() * p.element_size()
-    for name, module in model.named_modules():
-        if "emb" not in name:
-            for w in vars(module).values():
-                if isinstance(w, Q8Weight):
-                    total += w.qs.numel() + w.scales.numel() * w.scales.element_size()
-    return total
-
-
 def cache_bytes(kwargs: dict, batch: int, window: str, dtype: torch.dtype) -> int:
     """Bytes of the temporal KV cache a step must read: none at a conversation's start, every
     entry (keys and values of `context` steps in every layer) when the window is full."""
     if window == "start":
         return 0
     return kwargs["num_layers"] * 2 * batch * kwargs["context"] * kwargs["dim"] * dtype.itemsize
-
-
-def read_bandwidth() -> float:
-    """Bytes/s this machine streams from memory into a matrix-vector product (cold 1 GB of
-    float32 weights, batch 1): the best of PyTorch's GEMV and our skinny kernel, so the bound
-    is the hardware's, not one implementation's."""
-    from moshi_core.kernels.linear import linear
-
-    weights = [torch.randn(4096, 4096) for _ in range(16)]
-    x = torch.randn(1, 4096)
-    best = 0.0
-    with torch.no_grad():
-        for matmul in (lambda w: x @ w.T, lambda w: linear(x, w)):
-            for w in weights:
-                matmul(w)
-            for _ in range(3):
-                start = time.perf_counter()
-                for w in weights:
-                    matmul(w)
-                best = max(best, sum(w.numel() * 4 for w in weights) / (time.perf_counter() - start))
-    return best
 
 
 def quantized_copy(model: torch.nn.Module, config, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
@@ -237,11 +204,8 @@ def summarize(times: list[float], read_bytes: int) -> dict:
 
 
 def child(*args: str) -> dict:
-    """One measurement in a process of its own (memory and caches start clean)."""
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"lm_bench {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One measurement (`--side ...`) in a process of its own."""
+    return run_child(Path(__file__), *args)
 
 
 def main() -> None:
@@ -261,13 +225,14 @@ def main() -> None:
                                   args.device, args.gguf, args.realtime)))
         return
     common = ("--config", args.config, "--dtype", args.dtype, "--steps", str(args.steps))
+    before = read_bandwidth()
     results = {side: child("--side", side, *common) for side in ("ours", "reference")}
-    bandwidth = read_bandwidth()
+    after = read_bandwidth()
+    bandwidth = max(before.bytes_per_second, after.bytes_per_second)
     bound = results["ours"]["bytes"] / bandwidth
-    print(f"Moshi LM step ({args.config} config, {args.dtype}, greedy, batch 1), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"weights read per step {results['ours']['bytes'] / 1e9:.2f} GB, "
-          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print(f"Moshi LM step ({args.config} config, {args.dtype}, greedy, batch 1); {machine_line()}\n"
+          f"weights read per step {results['ours']['bytes'] / 1e9:.2f} GB; read bandwidth {before} before, "
+          f"{after} after (the bound uses the larger)\n")
     print("| measure | ours | reference | speed-up | bandwidth bound |")
     print("|---|---:|---:|---:|---:|")
     for q in ("p50", "p95"):

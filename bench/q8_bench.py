@@ -13,7 +13,7 @@ the other (the machine holds one 7B at a time):
 - bf16: ours in bfloat16; reference: Kyutai's `LMGen` in bfloat16.
 
 "Bound" is the bytes a step must read (weights, and the KV cache when full) divided by the
-read bandwidth measured on this machine.
+read bandwidth (`bench/bandwidth.py`), measured before and after the run: the larger is used.
 """
 
 import argparse
@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support"), str(ROOT / "bench")]
 
-from lm_bench import child, read_bandwidth  # noqa: E402
+from bandwidth import read_bandwidth  # noqa: E402
+from lm_bench import child  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 CONFIGS = {  # name: (label, lm_bench arguments)
     "q8": ("q8 (int8 kept), ours", ("--side", "q8")),
@@ -106,10 +108,12 @@ def main() -> None:
     parser.add_argument("--configs", default="q8,q8-full,bf16,reference",
                         help=f"which of {', '.join(CONFIGS)} to run (default: %(default)s)")
     args = parser.parse_args()
+    before = read_bandwidth()
     results = run_full(args.configs.split(","), args.steps, Path(args.workdir), args.keep)
-    bandwidth = read_bandwidth()
-    print(f"Moshi 7B LM step (greedy), {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    after = read_bandwidth()
+    bandwidth = max(before.bytes_per_second, after.bytes_per_second)
+    print(f"Moshi 7B LM step (greedy); {machine_line()}\nread bandwidth {before} before, {after} after "
+          "(the bound uses the larger)\n")
     print("| configuration | bytes read per step | step p50 | step p95 | bound | p50 / bound | resident memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
