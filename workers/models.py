@@ -17,6 +17,7 @@ from moshi_core.errors import MoshiError
 from moshi_core.inference.stt import load_stt
 from moshi_core.inference.tts import TTSModel, load_tts
 from moshi_core.kernels.build import kernels, set_enabled, supported
+from moshi_core.kernels.q8 import set_int8_activations
 from moshi_core.loading.checkpoints import load_mimi
 from moshi_core.loading.device import parse_dtype, resolve_device
 from moshi_core.loading.progress import (
@@ -69,6 +70,7 @@ class ModelCache:
         self.settings = settings
         # The process that loads models is the one whose kernels the settings choose.
         set_enabled(settings.cpu_kernels)
+        set_int8_activations(settings.q8_activations == "int8")
         self.progress = LoadProgress()  # what each model's load is doing, for the log, the page and jobs
         self.progress.subscribe(LoadLog())
         self._lock = threading.Lock()  # guards the dicts below, never held while loading

@@ -63,6 +63,7 @@ class Settings:
     live_idle_seconds: float = 30.0  # a live conversation with no audio this long ends
     key_max_conversations: int = 1  # live conversations one API key may hold open at once
     cpu_kernels: bool = True
+    q8_activations: str = "int8"  # how Q8_0 weights multiply on the CPU (moshi_core.kernels.q8)
     preload: tuple[str, ...] = ()  # models the app loads at start, in the background (PRELOAD_NAMES)
     gpu_step: GpuStep = "eager"
     host: str = "127.0.0.1"
@@ -270,6 +271,9 @@ VARIABLES = (
              "may hold open at once (with MOSHI_API_KEYS)", "an integer >= 1", _integer(1)),
     Variable("MOSHI_CPU_KERNELS", "cpu_kernels", "1", "our C++ CPU kernels; 0: PyTorch's own ops (for "
              "comparisons)", SWITCH, _switch),
+    Variable("MOSHI_Q8_ACTIVATIONS", "q8_activations", "int8", "how 8-bit (Q8_0) weights multiply on the CPU: "
+             "int8, activations quantized per block of 32 as GGUF runtimes do (faster); float, the "
+             "dequantized model's numbers exactly", "int8 or float", _choice("int8", "float")),
     Variable("MOSHI_PRELOAD", "preload", "none", "models `python app.py` loads at start, in the background "
              "(the page comes up at once; /readyz shows the progress); unset: each on first use, except "
              "on a Hugging Face Space (SPACE_ID set): moshi,mimi",

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cpu-kernels", action="store_true",
                         help="run the portable PyTorch path instead of our C++ CPU kernels (what MOSHI_CPU_KERNELS=0 "
                              "does for the servers)")
+    parser.add_argument("--strict-q8", action="store_true",
+                        help="multiply 8-bit (Q8_0) weights with float activations, giving the dequantized model's "
+                             "numbers exactly, instead of in int8 as GGUF runtimes do (faster; what "
+                             "MOSHI_Q8_ACTIVATIONS=float does for the servers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Each command's description is the docstring of the function that runs it.
@@ -280,6 +284,7 @@ def _models(args: argparse.Namespace) -> None:
 
 def _build_kernels(args: argparse.Namespace) -> None:
     from moshi_core.kernels import build as cpu_kernels
+    from moshi_core.kernels import q8
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the reason a build failed
     began = time.monotonic()
@@ -291,14 +296,19 @@ def _build_kernels(args: argparse.Namespace) -> None:
         "not available, the portable PyTorch path runs"
     if built and not cpu_kernels.ENABLED:
         state += ", but --no-cpu-kernels turns them off"
+    elif built:
+        state += "; 8-bit weights multiply " + (f"in int8 ({cpu_kernels.kernels().q8_int8_instructions()})"
+                                                if q8.INT8_ACTIVATIONS else "with float activations (--strict-q8)")
     print(f"CPU kernels: {state} ({time.monotonic() - began:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from moshi_core.kernels import build as cpu_kernels
+    from moshi_core.kernels import q8
 
     cpu_kernels.set_enabled(not args.no_cpu_kernels)
+    q8.set_int8_activations(not args.strict_q8)
     try:
         from moshi_core.cli.tts import run_tts
 

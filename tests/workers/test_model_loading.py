@@ -104,3 +104,14 @@ def test_the_log_shows_a_download_every_few_seconds_and_its_end_not_every_chunk(
             now[0] = second
             log(LoadStatus("moshi", "downloading", 0.0, file="f", done=second, total=12))
     assert [line.split(" f ")[1].split(" of")[0] for line in caplog.messages] == ["0 B", "5 B", "10 B", "12 B"]
+
+
+def test_the_settings_choose_how_q8_weights_multiply(tmp_path, monkeypatch):
+    from moshi_core.kernels import build, q8
+
+    monkeypatch.setattr(q8, "INT8_ACTIVATIONS", True)
+    monkeypatch.setattr(build, "ENABLED", True)
+    ModelCache(Settings.from_env({"MOSHI_Q8_ACTIVATIONS": "float", "MOSHI_STORAGE_DIR": str(tmp_path)}))
+    assert q8.INT8_ACTIVATIONS is False
+    ModelCache(Settings(storage_dir=tmp_path))
+    assert q8.INT8_ACTIVATIONS is True

@@ -79,6 +79,10 @@ def test_build_kernels_reports_what_a_step_will_run():
     assert done.returncode == 0, done.stderr
     expected = "ready" if cpu_kernels.supported() else "not available"
     assert done.stdout.startswith(f"CPU kernels: {expected}"), done.stdout
+    if cpu_kernels.supported():
+        assert "8-bit weights multiply in int8 (avx" in done.stdout, done.stdout
+        strict = run_cli("--strict-q8", "build-kernels")
+        assert "8-bit weights multiply with float activations" in strict.stdout, strict.stdout
 
 
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
