@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moshi_core.kernels.build import kernel_for
 from moshi_core.kernels.linear import linear, skinny_kernel
 from moshi_core.nn.streaming import keep_mask
 
@@ -46,6 +47,9 @@ class ConvState:
             self.first[rows] = part.first
 
 
+IM2COL_MAX_WIDTH = 16  # frames of at most this many values take one im2col product
+
+
 def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
              output_major: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """sum_m frames[:, t + m] @ taps[m] (+ bias): frames [B, T + n - 1, D], taps [n, D, E] -> [B, T, E].
@@ -62,11 +66,25 @@ def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
         for m in range(1, n):
             out += linear(frames[:, m : m + steps], rows_major[m])
         return out
+    if n > 1 and frames.shape[-1] <= IM2COL_MAX_WIDTH:
+        # Narrow frames (the 1-channel audio): n rank-D updates of the whole output would cost
+        # more than copying the windows side by side for one product with all the taps.
+        windows = frames.unfold(1, n, 1).transpose(2, 3).reshape(B * steps, -1)  # [B T, n D]
+        all_taps = taps.reshape(-1, taps.shape[-1])
+        out = torch.addmm(bias, windows, all_taps) if bias is not None else windows @ all_taps
+        return out.view(B, steps, -1)
     window = frames[:, :steps].reshape(B * steps, -1)  # a view when B == 1
     out = torch.addmm(bias, window, taps[0]) if bias is not None else window @ taps[0]
     for m in range(1, n):
         out.addmm_(frames[:, m : m + steps].reshape(B * steps, -1), taps[m])
     return out.view(B, steps, -1)
+
+
+def _window_kernel(x: torch.Tensor):
+    """Our input-window kernel (`csrc/conv.cpp`) where it applies (float32 on CPU, inference), else None."""
+    if x.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    return kernel_for(x)
 
 
 class NormConv1d(nn.Module):
@@ -94,7 +112,7 @@ class NormConvTranspose1d(nn.Module):
         self.convtr = nn.ConvTranspose1d(*args, **kwargs)
 
 
-class _CausalBase(nn.Module):
+class CausalConv(nn.Module):
     """Streaming logic shared by both convs: keep `padding` input samples per stream.
 
     Weights derived from the parameters (re-laid-out taps) are made on first use and kept
@@ -142,7 +160,14 @@ class _CausalBase(nn.Module):
             first = torch.ones(batch_size, dtype=torch.bool, device=ref.device)
         return ConvState(previous, first)
 
-    def step(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: ConvState, elu: bool = False) -> torch.Tensor:
+        """The next samples x [B, L, C_in] of the streams; `elu`: through an ELU first (the
+        SEANet's, applied here as the input window is built, in one pass with our kernel)."""
+        kernel = _window_kernel(x) if state.first is None else None
+        if kernel is not None:
+            return self._run(kernel.elu_window(x, state.previous, elu))
+        if elu:
+            x = F.elu(x)
         previous = state.previous
         if state.first is not None:
             previous = torch.where(state.first.view(-1, 1, 1), x[:, :1], previous)
@@ -153,7 +178,7 @@ class _CausalBase(nn.Module):
         return self._run(x)
 
 
-class StreamingConv1d(_CausalBase):
+class StreamingConv1d(CausalConv):
     """Causal conv with kernel a multiple of its stride (all of Mimi's are)."""
 
     def __init__(
@@ -189,7 +214,7 @@ class StreamingConv1d(_CausalBase):
         return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias, output_major)
 
 
-class StreamingConvTranspose1d(_CausalBase):
+class StreamingConvTranspose1d(CausalConv):
     """Causal transposed conv (kernel a multiple of the stride), as a sub-pixel conv.
 
     `groups` may be 1 or the number of channels (depthwise, as Mimi's upsampling).

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_core.nn.conv import CausalConv, StreamingConv1d, StreamingConvTranspose1d
 from moshi_core.nn.streaming import StateGroup
 
 
@@ -80,9 +80,23 @@ def _init_states(layers: nn.Module, batch_size: int) -> StateGroup:
 
 
 def _step_all(layers: nn.Module, x: torch.Tensor, state: StateGroup) -> torch.Tensor:
-    for layer, layer_state in zip(layers, state.children):
-        x = layer(x) if layer_state is None else layer.step(x, layer_state)
+    """One streaming step of `layers`; an ELU just before a conv is left to that conv, which
+    applies it while building its input window (one pass over the activations, not three)."""
+    layers = list(layers)
+    for i, (layer, layer_state) in enumerate(zip(layers, state.children)):
+        if _fused_elu(layer, layers[i + 1] if i + 1 < len(layers) else None):
+            continue
+        if layer_state is None:
+            x = layer(x)
+        elif isinstance(layer, CausalConv):
+            x = layer.step(x, layer_state, elu=i > 0 and _fused_elu(layers[i - 1], layer))
+        else:
+            x = layer.step(x, layer_state)
     return x
+
+
+def _fused_elu(layer: nn.Module, following: nn.Module | None) -> bool:
+    return isinstance(layer, nn.ELU) and layer.alpha == 1.0 and isinstance(following, CausalConv)
 
 
 class _SeanetStack(nn.Module):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moshi_core.kernels import build as cpu_kernels
 from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
 
 
@@ -33,6 +34,24 @@ def test_conv_equals_torch_offline_and_streaming(kernel, stride, pad_mode, batch
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
         for chunk_frames in (1, 2, 8):
             torch.testing.assert_close(_stream(layer, x, stride * chunk_frames), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("layer", [
+    StreamingConv1d(13, 5, 7), StreamingConv1d(13, 4, 16, stride=8), StreamingConvTranspose1d(13, 8, 4, stride=2),
+], ids=["conv", "strided", "transposed"])
+def test_streaming_with_elu_first_equals_elu_then_conv(layer, kernels_on, monkeypatch):
+    """`step(x, elu=True)` (the SEANet's ELU, fused into the input window) is conv(elu(x))."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels_on)
+    torch.manual_seed(0)
+    x = 3 * torch.randn(3, 64, 13)
+    x[0, :8] = torch.tensor([0.0, -0.0, -1e-7, 1e-7, -100.0, -87.5, 1e-3, -1e-3])[:, None]
+    with torch.no_grad():
+        expected = layer(F.elu(x))
+        for chunk in (8, 24, 64) if layer.stride == 8 else (3, 16, 64):  # odd sizes: the ELU's scalar tail
+            state = layer.init_state(3)
+            out = torch.cat([layer.step(p, state, elu=True) for p in x.split(chunk, dim=1)], dim=1)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_loads_in_the_official_shape():
