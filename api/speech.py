@@ -7,6 +7,7 @@ The text travels in the job folder (`input.txt`), never through the broker.
 """
 
 import asyncio
+import contextlib
 import functools
 import secrets
 from collections.abc import AsyncIterator
@@ -17,23 +18,21 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from moshi_core.errors import InvalidParameterError
-from moshi_core.formats.audio_stream import StreamEncoder
+from moshi_core.formats.audio_stream import FORMATS, StreamEncoder
 from moshi_core.loading.catalog import DEFAULT_VOICE
 from moshi_core.loading.tts_info import TTSInfo, describe_tts
 from moshi_core.params import TTSParams
-from workers.errors import JobTimeoutError, UnknownModelError
-from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, JobState, public_name
+from workers.errors import UnknownModelError
+from workers.jobs import TEXT_INPUT, TTS_STREAM, Job, JobKind, public_name
 
-from .errors import error_response
 from .routes import ERRORS, Caller, IdempotencyKey, Service, accepted
-from .schemas import JobOut
+from .schemas import OPENAI_TTS_MODELS, JobOut
 from .service import JobService
+from .tailing import tail, wait_for_output
 
 router = APIRouter(responses=ERRORS, tags=["speech"])
 MAX_JOB_CHARS = 50_000
 MAX_OPENAI_CHARS = 4096  # OpenAI's own limit for `input`
-OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as names of the server's model
-POLL_SECONDS = 0.02
 DEFAULTS = TTSParams()  # Kyutai's, for requests that leave a setting out
 
 
@@ -53,7 +52,7 @@ class SpeechIn(BaseModel):
     input: str = Field(min_length=1, max_length=MAX_OPENAI_CHARS)
     voice: str = Field(description="A voice of GET /v1/voices")
     response_format: Literal["wav", "pcm", "flac", "opus", "mp3", "aac"] = "wav"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="Time-stretched, pitch kept (ffmpeg's atempo)")
     instructions: str | None = Field(None, description="Accepted and ignored: the voice file sets the style")
     stream_format: Literal["audio", "sse"] = "audio"
 
@@ -71,9 +70,9 @@ def _info(model: str, voices: str) -> TTSInfo:
 
 def _check_model(jobs: JobService, model: str | None) -> str:
     served = jobs.settings.tts_model
-    if model not in (None, "", served, public_name(served), *OPENAI_MODELS):
+    if model not in (None, "", served, public_name(served), *OPENAI_TTS_MODELS):
         raise UnknownModelError(f"unknown model {model!r}: this server speaks with {public_name(served)!r}; pass that "
-                                f"(or one of {', '.join(OPENAI_MODELS)}) as the model")
+                                f"(or one of {', '.join(OPENAI_TTS_MODELS)}) as the model")
     return served
 
 
@@ -119,71 +118,38 @@ async def submit_tts(jobs: Service, owner: Caller, response: Response, body: Ann
 
 
 @router.post("/v1/audio/speech", summary="OpenAI-compatible speech, streamed as it is generated",
-             responses={200: {"content": {t: {} for t in ("audio/wav", "audio/pcm", "audio/ogg", "audio/flac")}}})
+             responses={200: {"content": {t: {} for t in FORMATS.values()}}})
 async def openai_speech(jobs: Service, owner: Caller, body: Annotated[SpeechIn, Body()]):
     _check_model(jobs, body.model)
-    if body.response_format in ("mp3", "aac"):
-        raise InvalidParameterError(f"response_format {body.response_format!r} is not offered: use wav, pcm "
-                                    "(16-bit 24 kHz mono), flac or opus")
-    if body.speed != 1.0:
-        raise InvalidParameterError("speed is not adjustable with this model: leave it at 1.0")
     if body.stream_format != "audio":
         raise InvalidParameterError("stream_format 'sse' is not offered: the audio itself is streamed")
+    encoder = StreamEncoder(body.response_format, speed=body.speed)
     job = (await _tts_job(jobs, owner, body.input, body.voice, DEFAULTS)).job
-    encoder = StreamEncoder(body.response_format)
-    # Hold the answer until the first audio (or the job's end): a failure before any audio
-    # still gets a proper error status, and so does a job no worker started in time.
-    job = await _wait_for_audio(jobs, job.id)
-    if job.state is JobState.QUEUED and await asyncio.to_thread(jobs.withdraw, job.id):
-        raise JobTimeoutError(f"no worker was free to start the speech within {jobs.settings.sync_timeout_seconds:g} "
-                              "s (the server is busy); the request was withdrawn: try again later, or submit it "
-                              "with POST /v1/tts and poll the job")
-    job = jobs.store.get(job.id)  # started, perhaps since the wait ended
-    if job.state in (JobState.FAILED, JobState.CANCELLED):
-        error = job.error or {"code": "cancelled", "message": "the speech job was cancelled"}
-        return error_response(500 if error["code"] == "internal" else 422, error["code"], error["message"])
-    return StreamingResponse(_stream(jobs, job, owner, encoder), media_type=encoder.media_type,
+    started = await wait_for_output(jobs, job.id, jobs.store.folder(job.id) / TTS_STREAM, "speech")
+    if not isinstance(started, Job):
+        return started  # failed before any audio: a proper error status
+    return StreamingResponse(_stream(jobs, started, owner, encoder), media_type=encoder.media_type,
                              headers={"X-Job-Id": job.id})
-
-
-async def _wait_for_audio(jobs: JobService, job_id: str) -> Job:
-    path = jobs.store.folder(job_id) / TTS_STREAM
-    deadline = asyncio.get_running_loop().time() + jobs.settings.sync_timeout_seconds
-    while True:
-        job = jobs.store.get(job_id)
-        if job.state.finished or (path.exists() and path.stat().st_size > 0):
-            return job
-        if asyncio.get_running_loop().time() > deadline:
-            return job
-        await asyncio.sleep(POLL_SECONDS)
 
 
 async def _stream(jobs: JobService, job: Job, owner: str, encoder: StreamEncoder) -> AsyncIterator[bytes]:
     """The growing audio file, encoded, until the job ends; a client that leaves cancels it."""
-    path = jobs.store.folder(job.id) / TTS_STREAM
-    offset, finished = 0, False
-    try:
-        yield encoder.start()
-        while True:
-            finished = jobs.store.get(job.id).state.finished  # before reading: then nothing is missed
-            data = await asyncio.to_thread(_read_from, path, offset)
-            data = data[: len(data) // 2 * 2]  # whole 16-bit samples only
-            offset += len(data)
-            if data and (out := encoder.add(data)):
-                yield out
-            if finished:
-                break
-            await asyncio.sleep(POLL_SECONDS)
-        yield encoder.finish()
-    finally:
-        if not finished:
-            jobs.cancel(job.id, owner)
+    # The header leaves with the first audio: every yield is then inside `tail`, which cancels
+    # the job of a client that has left.
+    head, odd = encoder.start(), b""
+    async with contextlib.aclosing(tail(jobs, job, owner, jobs.store.folder(job.id) / TTS_STREAM)) as pieces:
+        async for data in pieces:
+            data, odd = _whole_samples(odd + data)
+            if data and (out := await asyncio.to_thread(encoder.add, data)):
+                yield head + out
+                head = b""
+    yield head + await asyncio.to_thread(encoder.finish)
 
 
-def _read_from(path, offset: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read()
+def _whole_samples(data: bytes) -> tuple[bytes, bytes]:
+    """16-bit samples, and the odd byte the worker has not finished writing."""
+    cut = len(data) // 2 * 2
+    return data[:cut], data[cut:]
 
 
 @router.get("/v1/voices", response_model=VoicesOut, summary="The voices /v1/tts and /v1/audio/speech take")

@@ -237,7 +237,7 @@ def _bad_requests(shared_audio: Path) -> list[tuple[str, str, dict, dict, int, s
         ("too many codebooks", "/v1/codec/encode", {"file": ("a.wav", wav)}, {"num_codebooks": "33"}, 422,
          "num_codebooks"),
         ("temperature out of range", "/v1/dialogue", {"file": ("a.wav", wav)}, {"temp_text": "-1"}, 422, "temp_text"),
-        ("unknown model", "/v1/dialogue", {"file": ("a.wav", wav)}, {"model": "kyutai/nope"}, 422,
+        ("unknown model", "/v1/dialogue", {"file": ("a.wav", wav)}, {"model": "kyutai/nope"}, 404,
          "unknown model 'kyutai/nope'"),
     ]
 
@@ -262,7 +262,7 @@ def test_bad_inputs_get_a_clear_4xx_and_the_worker_stays_up(stack, shared_audio)
 
 def test_service_endpoints(stack):
     client, env, _ = stack
-    models = client.get("/v1/models").json()["models"]
+    models = client.get("/v1/models").json()["data"]
     # Local folders by their names: the server's paths are not shown.
     assert [m["id"] for m in models][:2] == [Path(env["MOSHI_MODEL"]).name, Path(env["MOSHI_MIMI"]).name]
     assert {m["kind"] for m in models} == {"moshi", "mimi", "stt", "tts"}
