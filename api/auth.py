@@ -114,7 +114,8 @@ class KeyGuard:
         if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):
             response = RedirectResponse(LOGIN_PATH, status_code=303)  # a person at a browser
         else:
-            response = error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+            response = error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"},
+                                      path=scope["path"])
         await response(scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -39,7 +39,7 @@ class UploadLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(413, "too_large", self._message())(scope, receive, send)
+            return await error_response(413, "too_large", self._message(), path=scope["path"])(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -88,7 +88,8 @@ class BodyTimeout:
                 if not started:
                     what = f"{self.idle:g} s without data" if wait == self.idle else f"over {self.total:g} s"
                     await error_response(408, "request_timeout", f"the request body took too long ({what}): "
-                                         "send it at once", {"Connection": "close"})(scope, receive, send)
+                                         "send it at once", {"Connection": "close"},
+                                         path=scope["path"])(scope, receive, send)
                 raise _BodyTimedOut from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message

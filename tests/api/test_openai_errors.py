@@ -42,3 +42,14 @@ def test_openai_routes_answer_openais_shape_and_ours_keep_ours():
         assert "use /v1/audio/transcriptions" in translation.json()["error"]["message"]
         ours = client.post("/v1/tts", json={"text": ""})
         assert set(ours.json()["error"]) == {"code", "message"}
+
+
+def test_the_doors_refusals_take_openais_shape_on_openai_routes():
+    """401 (no key) and 413 (too large) come from middleware, before any route runs."""
+    settings = Settings(storage_dir=tempfile.mkdtemp(), api_keys=frozenset({"k"}), max_upload_bytes=2**20)
+    with TestClient(create_api(settings)) as client:
+        no_key = client.get("/v1/models")
+        assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+        assert set(client.get("/v1/jobs").json()["error"]) == {"code", "message"}
+        big = client.post("/v1/audio/transcriptions", content=b"x" * (2 << 20), headers={"Authorization": "Bearer k"})
+        assert big.status_code == 413 and set(big.json()["error"]) == {"message", "type", "param", "code"}
