@@ -52,7 +52,8 @@ class STTConfig:
 
 
 def load_stt(source: str = DEFAULT_STT_SOURCE, **kwargs) -> MoshiModels:
-    """`load_moshi` for a speech-to-text repo (its config.json says `model_type: stt`)."""
+    """`load_moshi` for a speech-to-text repo (its config.json says `model_type: stt`); its
+    keyword arguments (`device`, `dtype`, `quantize="q8"`, ...) are `load_moshi`'s."""
     models = load_moshi(source, **kwargs)
     if models.config.get("model_type") != "stt" or models.lm.cfg.dep_q != 0:
         raise ModelSourceError(
@@ -190,16 +191,20 @@ class Transcriber:
         state.reset(mask, self.segmenter)
 
     @torch.inference_mode()
-    def step(self, pcm: torch.Tensor, state: TranscriptionState) -> StepResult:
+    def step(self, pcm: torch.Tensor, state: TranscriptionState, rows: list[int] | None = None) -> StepResult:
         """One 80 ms frame per stream, pcm [B, 1, 1920] at 24 kHz (lead each stream with
-        `silence(prefix_frames)`, and follow it with `silence(tail_frames)` to finish it)."""
-        codes = self.mimi.encode_step(pcm.to(self.mimi.device), state.mimi, self.num_codebooks)
-        return self._step_codes(codes.to(self.lm.device), state)
+        `silence(prefix_frames)`, and follow it with `silence(tail_frames)` to finish it).
+        With `rows`, pcm holds the next frame of those streams of `state` only (in that order)."""
+        mimi_rows = None if rows is None else torch.tensor(rows, device=self.mimi.device)
+        codes = self.mimi.encode_step(pcm.to(self.mimi.device), state.mimi, self.num_codebooks, mimi_rows)
+        return self._step_codes(codes.to(self.lm.device), state, rows)
 
-    def _step_codes(self, codes: torch.Tensor, state: TranscriptionState) -> StepResult:
-        out, heads = self.generator.step_with_extra_heads(codes, state.lm)
+    def _step_codes(self, codes: torch.Tensor, state: TranscriptionState, rows: list[int] | None = None) -> StepResult:
+        lm_rows = None if rows is None else torch.tensor(rows, device=self.lm.device)
+        out, heads = self.generator.step_with_extra_heads(codes, state.lm, lm_rows)
         tokens = out[:, 0]
-        words = [seg.push(t) for seg, t in zip(state.words, tokens.tolist())]
+        segmenters = state.words if rows is None else [state.words[r] for r in rows]
+        words = [seg.push(t) for seg, t in zip(segmenters, tokens.tolist())]
         return StepResult(tokens, words, heads[..., 0])
 
     def silence(self, frames: int, batch_size: int = 1) -> torch.Tensor:
