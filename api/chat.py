@@ -170,10 +170,9 @@ async def _send(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec
             await ws.send_bytes(bytes([TEXT]) + frame.text.encode())
 
 
-async def _converse(ws: WebSocket, session: LiveSession, codec: OpusCodec | PcmCodec, idle_seconds: float) -> None:
-    """Until the caller hangs up (or `_Ended`)."""
-    tasks = [asyncio.create_task(_receive(ws, session, codec, idle_seconds)),
-             asyncio.create_task(_send(ws, session, codec))]
+async def run_both(*coroutines) -> None:
+    """Until the caller hangs up or one side ends the conversation (its exception goes on)."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -251,7 +250,7 @@ def create_chat_router(driver: LiveDriver, max_seconds: float, idle_seconds: flo
         try:
             await ws.send_bytes(HANDSHAKE)
             async with asyncio.timeout(max_seconds):
-                await _converse(ws, session, codec, idle_seconds)
+                await run_both(_receive(ws, session, codec, idle_seconds), _send(ws, session, codec))
         except TimeoutError:
             await driver.close(session)  # the slot is free by the time the caller hears of the end
             await _end(ws, f"time limit: conversations end after {max_seconds:g} s", 1000)

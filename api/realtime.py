@@ -31,7 +31,7 @@ from fastapi import APIRouter, WebSocket
 from moshi_core.errors import InvalidParameterError, LiveBusyError, LiveInputError, MoshiError
 from moshi_core.params import SamplingParams
 
-from .chat import GONE, parse_session_args
+from .chat import GONE, parse_session_args, run_both
 from .errors import status_of
 from .limits import WS_MAX_SIZE
 from .live_driver import LiveDriver, LiveSession
@@ -92,6 +92,18 @@ async def _client_events(ws: WebSocket, out: EventWriter, idle_seconds: float):
         yield event
 
 
+async def _append(ws: WebSocket, out: EventWriter, session: LiveSession | TranscriptionSession,
+                  event: dict) -> None:
+    """`input_audio_buffer.append`: the audio to the session; bad audio is an error event, audio
+    faster than real time ends the session."""
+    try:
+        session.push(decode_audio(event))
+    except LiveInputError as exc:
+        raise _Closing(out.error("input_too_fast", str(exc), "audio", event.get("event_id")), 1008) from None
+    except InvalidParameterError as exc:
+        await _send(ws, _error_for(out, exc, event, "audio"))
+
+
 def _error_for(out: EventWriter, exc: MoshiError, event: Mapping[str, Any], param: str | None = None) -> dict:
     status, code = status_of(exc)
     return out.error(code, str(exc), param, event.get("event_id"), status)
@@ -128,13 +140,7 @@ class _Conversation:
         async for event in _client_events(self.ws, self.out, idle_seconds):
             kind = event["type"]
             if kind == "input_audio_buffer.append":
-                try:
-                    self.session.push(decode_audio(event))
-                except LiveInputError as exc:
-                    raise _Closing(self.out.error("input_too_fast", str(exc), "audio", event.get("event_id")),
-                                   1008) from None
-                except InvalidParameterError as exc:
-                    await _send(self.ws, _error_for(self.out, exc, event, "audio"))
+                await _append(self.ws, self.out, self.session, event)
             elif kind == "session.update":
                 await self._update(event)
             elif kind == "input_audio_buffer.commit":  # Moshi has heard it already: nothing waits
@@ -210,13 +216,7 @@ class _Transcription:
         async for event in _client_events(self.ws, self.out, idle_seconds):
             kind = event["type"]
             if kind == "input_audio_buffer.append":
-                try:
-                    self.session.push(decode_audio(event))
-                except LiveInputError as exc:
-                    raise _Closing(self.out.error("input_too_fast", str(exc), "audio", event.get("event_id")),
-                                   1008) from None
-                except InvalidParameterError as exc:
-                    await _send(self.ws, _error_for(self.out, exc, event, "audio"))
+                await _append(self.ws, self.out, self.session, event)
             elif kind == "input_audio_buffer.commit":
                 self.session.commit()
             elif kind == "input_audio_buffer.clear":
@@ -289,21 +289,6 @@ class _Transcription:
         self._new_item()
 
 
-async def _run_both(*coroutines) -> None:
-    """Until the caller hangs up or one side ends the session (its exception goes on)."""
-    tasks = [asyncio.create_task(c) for c in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            error = task.exception()
-            if error is not None and not isinstance(error, GONE):
-                raise error
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def create_realtime_router(live: LiveDriver, transcription: TranscriptionDriver, models: Collection[str],
                            max_seconds: float, idle_seconds: float = 30.0, max_per_key: int = 1,
                            open_per_key: collections.Counter[str] | None = None) -> APIRouter:
@@ -356,7 +341,7 @@ def create_realtime_router(live: LiveDriver, transcription: TranscriptionDriver,
         try:
             conversation = _Conversation(ws, live, session, engine.sampling, model, out)
             await conversation.start()
-            await _run_both(conversation.receive(idle_seconds), conversation.speak())
+            await run_both(conversation.receive(idle_seconds), conversation.speak())
         finally:
             await live.close(session)
 
@@ -370,7 +355,7 @@ def create_realtime_router(live: LiveDriver, transcription: TranscriptionDriver,
         try:
             stream = _Transcription(ws, session, out, 1 / engine.frame_rate, engine.has_voice_activity)
             await stream.start()
-            await _run_both(stream.receive(idle_seconds), stream.transcribe())
+            await run_both(stream.receive(idle_seconds), stream.transcribe())
         finally:
             await transcription.close(session)
 

@@ -12,15 +12,6 @@ from moshi_core.kernels.q8 import Q8Weight
 from moshi_core.nn.transformer import Transformer, TransformerConfig
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    if not cpu_kernels.supported():
-        pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")
-    built = cpu_kernels.kernels()
-    assert built is not None, "the kernels failed to build (see the warning logged)"
-    return built
-
-
 def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
     qs = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
     scales = (torch.rand(rows, cols // 32, generator=g) * 0.02).half()

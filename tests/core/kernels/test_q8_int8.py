@@ -7,19 +7,9 @@ import pytest
 import torch
 from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_candle_gguf
 
-from moshi_core.kernels import build as cpu_kernels
 from moshi_core.kernels import q8
 from moshi_core.loading.checkpoints import load_lm
 from moshi_core.models.lm import LMConfig
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    if not cpu_kernels.supported():
-        pytest.skip("this CPU has no AVX2/FMA/F16C: the kernels are not built here")
-    built = cpu_kernels.kernels()
-    assert built is not None, "the kernels failed to build (see the warning logged)"
-    return built
 
 
 # The float64 model. Every float32 operation of the kernel is one float64 operation rounded to
