@@ -17,24 +17,35 @@ arithmetics (`set_int8_activations`):
 - float ("strict"): the exact dequantized weights times the float activations, in float32:
   the dequantized model's numbers, to float32 summation order. Parity tests use it.
 
-Where the kernel cannot be built, or on GPUs, the weights are dequantized a slab of rows at
-a time (the float arithmetic).
+Where the kernel cannot be built, the weights are dequantized a slab of rows at a time (the
+float arithmetic).
 
 Row-wise int8 (`W = CB * SCB / 127`, one float32 scale per row) maps onto PyTorch's own
 int8 weight-only matmul, `torch._weight_int8pack_mm`.
+
+On CUDA both formats run our Triton kernel (`moshi_core.kernels.triton_q8`), which reads each
+int8 weight and its scale once and multiplies in float (x's dtype into float32: the float
+arithmetic, whatever `set_int8_activations` says). Each product is one torch custom op,
+`moshi::q8_linear` or `moshi::int8_rows_linear`, with a fake implementation, so a compiled
+step traces it as one node without a graph break. Where a GPU has memory to spare,
+`set_gpu_q8("dequantize")` holds the weights in the model's float dtype instead.
 
 A `QuantizedWeight` stands where a layer's float weight was. It implements
 `__torch_function__`, so `F.linear` and `F.embedding` on it reach these kernels while the
 model code stays unchanged.
 """
 
+import functools
+import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from moshi_core.kernels.build import kernel_for
 
+log = logging.getLogger(__name__)
 Q8_BLOCK = 32
 
 # How Q8_0 weights multiply on the CPU kernel (see above); a plain module flag, read on every product.
@@ -45,6 +56,24 @@ def set_int8_activations(flag: bool) -> None:
     """Quantize activations and multiply in int8 (True, the default), or (False) the strict float path."""
     global INT8_ACTIVATIONS
     INT8_ACTIVATIONS = flag
+
+
+# What 8-bit checkpoints become on a CUDA device (`set_gpu_q8`), read by `attach_int8_weights`.
+GPU_Q8: Literal["int8", "dequantize"] = "int8"
+# "dequantize" keeps this share of the GPU's memory free (KV caches, activations, Mimi): weights
+# that would eat into it stay int8.
+GPU_RESERVE = 0.25
+
+
+def set_gpu_q8(mode: Literal["int8", "dequantize"]) -> None:
+    """On CUDA, keep 8-bit weights int8 (the default: the Triton kernel, a quarter of bfloat16's
+    memory) or "dequantize" them at load to the model's float dtype while the GPU has room
+    beyond `GPU_RESERVE` (float matmuls; weights past that point stay int8). Applies to models
+    loaded afterwards; CPUs always keep int8."""
+    if mode not in ("int8", "dequantize"):
+        raise ValueError(f"GPU 8-bit mode must be 'int8' or 'dequantize', not {mode!r}")
+    global GPU_Q8
+    GPU_Q8 = mode
 
 
 @dataclass
@@ -120,12 +149,12 @@ class QuantizedWeight:
         return torch.zeros(*shape, **kwargs)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ Wᵀ -> [M, O]."""
+        """x [M, K] @ Wᵀ -> [M, O], in x's dtype."""
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, self, bias)` for x [..., K], in x's dtype."""
-        y = self.linear(x.reshape(-1, x.shape[-1])).to(x.dtype)
+        y = self.linear(x.reshape(-1, x.shape[-1]))
         return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,10 +172,7 @@ class QuantizedWeight:
 
 class Q8Weight(QuantizedWeight, Q8Tensor):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = kernel_for(x)
-        if kernel is not None:
-            return kernel.q8_linear(x, self.qs, self.scales, INT8_ACTIVATIONS)
-        return _slab_matmul(x, self)
+        return q8_linear(x, self.qs, self.scales, INT8_ACTIVATIONS)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         return _dequantize_rows(self.qs[tokens], self.scales[tokens]).to(self.dtype)
@@ -154,17 +180,75 @@ class Q8Weight(QuantizedWeight, Q8Tensor):
 
 class Int8RowWeight(QuantizedWeight, Int8Rows):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        # Scales in float32 with float32 activations: bfloat16 scales would round every row.
-        return torch._weight_int8pack_mm(x.float(), self.cb, self.scb.float() / 127)
+        return int8_rows_linear(x, self.cb, self.scb)
 
 
-def _slab_matmul(x: torch.Tensor, weight: Q8Weight, slab: int = 1024) -> torch.Tensor:
+# The products as custom ops: opaque to torch.compile (their fake implementations give the
+# shapes), dispatched by device. Both return [M, N] in x's dtype.
+
+@torch.library.custom_op("moshi::q8_linear", mutates_args=())
+def q8_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for a Q8_0 W (int8 `qs` [N, K], float16 `scales` [N, K / 32]). Here: CPUs
+    (our C++ kernel, else dequantized slabs) and any device without its own kernel."""
+    return _q8_portable(x, qs, scales, int8_activations)
+
+
+@torch.library.custom_op("moshi::int8_rows_linear", mutates_args=())
+def int8_rows_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for a row-wise int8 W (int8 `cb` [N, K], float32 `scb` [N]), off CUDA."""
+    return _int8_rows_portable(x, cb, scb)
+
+
+@q8_linear.register_kernel("cuda")
+def _q8_linear_cuda(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    matmul = _triton_matmul()
+    return matmul(x, qs, scales) if matmul else _q8_portable(x, qs, scales, int8_activations)
+
+
+@int8_rows_linear.register_kernel("cuda")
+def _int8_rows_linear_cuda(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    matmul = _triton_matmul()
+    return matmul(x, cb, scb) if matmul else _int8_rows_portable(x, cb, scb)
+
+
+@q8_linear.register_fake
+def _q8_linear_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qs.shape[0])
+
+
+@int8_rows_linear.register_fake
+def _int8_rows_linear_fake(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], cb.shape[0])
+
+
+@functools.cache
+def _triton_matmul():
+    """The Triton kernel, imported on first CUDA use (so nothing imports triton on CPUs), or None
+    where triton is missing (CUDA builds of torch for Linux bring it)."""
+    try:
+        from moshi_core.kernels.triton_q8 import int8_matmul
+    except ImportError as exc:
+        log.warning("triton unavailable (%s): 8-bit products on the GPU take the portable path", exc)
+        return None
+    return int8_matmul
+
+
+def _q8_portable(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    kernel = kernel_for(x)
+    if kernel is not None:
+        return kernel.q8_linear(x, qs, scales, int8_activations)
+    return _slab_matmul(x, qs, scales).to(x.dtype)
+
+
+def _int8_rows_portable(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    # Scales in float32 with float32 activations: bfloat16 scales would round every row.
+    return torch._weight_int8pack_mm(x.float(), cb, scb.float() / 127).to(x.dtype)
+
+
+def _slab_matmul(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, slab: int = 1024) -> torch.Tensor:
     """Fallback: dequantize `slab` rows at a time, so no full float copy is ever made."""
     x = x.float()
-    parts = [
-        F.linear(x, _dequantize_rows(weight.qs[i : i + slab], weight.scales[i : i + slab]))
-        for i in range(0, weight.qs.shape[0], slab)
-    ]
+    parts = [F.linear(x, _dequantize_rows(qs[i : i + slab], scales[i : i + slab])) for i in range(0, qs.shape[0], slab)]
     return torch.cat(parts, dim=-1)
 
 
@@ -173,11 +257,16 @@ def attach_int8_weights(
 ) -> dict[str, torch.Tensor]:
     """Put an 8-bit weight (on `device`) in place of every parameter that `state` holds in
     8 bits, on a model still on the meta device, so no float copy is ever allocated. Returns
-    the rest of the state, the tensors to load as usual."""
+    the rest of the state, the tensors to load as usual. With `set_gpu_q8("dequantize")` on
+    CUDA, weights go in as plain `dtype` tensors instead while the GPU has room."""
     rest = {}
     for name, value in state.items():
-        if isinstance(value, Q8Tensor):
-            weight: QuantizedWeight = Q8Weight(
+        if isinstance(value, (Q8Tensor, Int8Rows)) and _dequantizes(value.shape, dtype, device):
+            # on the device, so the host never holds a float copy; a plain attribute like the
+            # 8-bit weights (not a parameter: `to_empty` would wipe it)
+            weight = type(value)(*(t.to(device) for t in vars(value).values())).dequantize(dtype)
+        elif isinstance(value, Q8Tensor):
+            weight = Q8Weight(
                 value.qs.to(device).contiguous(), value.scales.to(device).contiguous(), dtype=dtype
             )
         elif isinstance(value, Int8Rows):
@@ -192,6 +281,17 @@ def attach_int8_weights(
         del module._parameters[attr]
         setattr(module, attr, weight)
     return rest
+
+
+def _dequantizes(shape: torch.Size, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether an 8-bit matrix of `shape` goes onto `device` as a float `dtype` one (`set_gpu_q8`)."""
+    return GPU_Q8 == "dequantize" and torch.device(device).type == "cuda" and _has_room(shape, dtype, device)
+
+
+def _has_room(shape: torch.Size, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether a `dtype` matrix of `shape` fits on the CUDA `device` beyond `GPU_RESERVE` of its memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free - shape.numel() * dtype.itemsize >= GPU_RESERVE * total
 
 
 def join_row_scales(state: dict[str, torch.Tensor]) -> dict:
