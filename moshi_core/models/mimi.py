@@ -7,6 +7,8 @@ Offline, `encode` right-pads the audio with zeros to a whole number of 1920-samp
 (the last partial frame becomes one more code frame) and `decode` returns
 `1920 * frames` samples; callers that know the source length trim to it (the token file
 stores it). Streaming works on whole frames: one frame in, one code frame out, and back.
+A server steps some of its streams with `rows`, or all of them in lockstep with an `active`
+mask (one static shape: the step compiles into one graph, see `encode_step`).
 
 Offline runs the streaming code over chunks of 4 s: memory stays bounded for any file
 length, progress can be reported, and offline and streaming are one code path (every
@@ -23,9 +25,9 @@ from torch import nn
 
 from moshi_core.errors import InvalidParameterError
 from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
-from moshi_core.nn.rvq import QuantizerConfig, SplitResidualVectorQuantizer
+from moshi_core.nn.rvq import QuantizerConfig, ResidualVectorQuantizer, SplitResidualVectorQuantizer
 from moshi_core.nn.seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
-from moshi_core.nn.streaming import ResettableFields, StateGroup, rows_of
+from moshi_core.nn.streaming import ResettableFields, StateGroup, active_of, rows_of
 from moshi_core.nn.transformer import KVCache, ProjectedTransformer, TransformerConfig
 
 OFFLINE_CHUNK_FRAMES = 50  # 4 s per pass offline: activations stay in cache, weights are read 3x per 10 s
@@ -210,7 +212,15 @@ class MimiModel(nn.Module):
     # -- streaming --------------------------------------------------------------------------
 
     def init_state(self, batch_size: int = 1, max_frames: int = 1) -> MimiState:
-        """State for `batch_size` independent streams; `max_frames` is the size of one pass."""
+        """State for `batch_size` independent streams; `max_frames` is the size of one pass.
+
+        Weights derived from the parameters (the quantizer's tables, the transposed convs'
+        taps) are built here, before any step: built inside a compiled step, they would change
+        what the compiled graph guards on and the next step would compile again.
+        """
+        for module in self.modules():
+            if isinstance(module, (StreamingConvTranspose1d, ResidualVectorQuantizer)):
+                module.derive_weights()
         steps = self._steps_per_frame * max_frames
         return MimiState(
             encoder=MimiEncoderState(
@@ -227,14 +237,17 @@ class MimiModel(nn.Module):
         )
 
     def encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int | None = None,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
+                    rows: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
         """wav [B, 1, n * 1920] -> codes [B, K, n], continuing the streams in `state`.
 
         With `rows` [A], wav holds the next audio of the state's streams `rows` only; the other
         streams are left as they are (a live server steps only its conversations in progress).
+        With `active` [B] bool instead, every stream computes and only the active ones advance
+        (the lockstep step: static shapes, no host sync, so one compiled graph serves any set
+        of conversations); the codes of inactive streams are meaningless, for callers to ignore.
         """
         self._check_audio(wav)
-        self._check_batch(wav, state, rows)
+        self._check_batch(wav, state, rows, active)
         num_codebooks = self._codebooks_to_use(num_codebooks)
         if wav.shape[-1] % self.frame_size:
             raise InvalidParameterError(
@@ -242,33 +255,43 @@ class MimiModel(nn.Module):
                 f"got {wav.shape[-1]}; buffer the remainder until the next call"
             )
         st = state.encoder
+        convs = StateGroup([st.seanet, st.downsample])
         codes = []
-        with rows_of(st.seanet, rows) as seanet, rows_of(st.downsample, rows) as downsample:
+        with rows_of(convs, rows) as part, active_of(convs, active):
+            seanet, downsample = part.children
             for piece in wav.split(state.max_frames * self.frame_size, dim=-1):
                 latent = self.encoder.step(piece.transpose(1, 2), seanet)  # [B, T, 1] -> [B, 2n, 512]
-                latent = self.encoder_transformer.step(latent, st.transformer, rows)
+                latent = self.encoder_transformer.step(latent, st.transformer, rows, active)
                 latent = self.downsample.conv.step(latent, downsample)
                 codes.append(self.quantizer.encode(latent, num_codebooks))
         return torch.cat(codes, dim=-1)
 
-    def decode_step(self, codes: torch.Tensor, state: MimiState, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_step(self, codes: torch.Tensor, state: MimiState, rows: torch.Tensor | None = None,
+                    active: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, K, n] -> wav [B, 1, n * 1920], continuing the streams in `state` (the
-        streams `rows` [A] only, when given: see `encode_step`)."""
+        streams `rows` [A] only, or all with only `active` [B] ones advancing: see `encode_step`).
+        Inactive streams still look their codes up: give them valid ones (zeros, say)."""
         self._check_codes(codes)
-        self._check_batch(codes, state, rows)
+        self._check_batch(codes, state, rows, active)
         st = state.decoder
+        convs = StateGroup([st.upsample, st.seanet])
         pieces = []
-        with rows_of(st.upsample, rows) as upsample, rows_of(st.seanet, rows) as seanet:
+        with rows_of(convs, rows) as part, active_of(convs, active):
+            upsample, seanet = part.children
             for piece in codes.split(state.max_frames, dim=-1):
                 latent = self.upsample.convtr.step(self.quantizer.decode(piece), upsample)
-                latent = self.decoder_transformer.step(latent, st.transformer, rows)
+                latent = self.decoder_transformer.step(latent, st.transformer, rows, active)
                 pieces.append(self.decoder.step(latent, seanet).transpose(1, 2))  # -> [B, 1, 1920 n]
         return torch.cat(pieces, dim=-1)
 
     # -- validation -------------------------------------------------------------------------
 
     @staticmethod
-    def _check_batch(x: torch.Tensor, state: MimiState, rows: torch.Tensor | None) -> None:
+    def _check_batch(x: torch.Tensor, state: MimiState, rows: torch.Tensor | None,
+                     active: torch.Tensor | None) -> None:
+        if active is not None and (rows is not None or active.shape != (state.batch_size,)
+                                   or active.dtype != torch.bool):
+            raise InvalidParameterError(f"`active` must be [{state.batch_size}] bool, without `rows`")
         expected = state.batch_size if rows is None else rows.shape[0]
         if x.shape[0] != expected:
             what = f"the {expected} streams stepped" if rows is not None else f"a state of {expected} streams"

@@ -46,6 +46,9 @@ class ConvState:
         if self.first is not None:
             self.first[rows] = part.first
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.previous] if self.first is None else [self.previous, self.first]
+
 
 IM2COL_MAX_WIDTH = 16  # frames of at most this many values take one im2col product
 
@@ -249,6 +252,10 @@ class StreamingConvTranspose1d(CausalConv):
             taps = w.view(w.shape[0], n, s).permute(1, 2, 0).flip(0)  # [n, S, C]
         bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
         return taps.contiguous(), bias
+
+    def derive_weights(self) -> None:
+        """Build the sub-pixel taps now rather than in the first step (see `MimiModel.init_state`)."""
+        self._cached("subpixel", self._subpixel_weights)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         taps, bias = self._cached("subpixel", self._subpixel_weights)

@@ -71,6 +71,10 @@ class ResidualVectorQuantizer(nn.Module):
             self._tables = (centroids, padded)
         return self._tables
 
+    def derive_weights(self) -> None:
+        """Build the lookup tables now rather than in the first step (see `MimiModel.init_state`)."""
+        self._lookup_tables()
+
     def _apply(self, fn, recurse=True):
         self._tables = None  # device/dtype moves and loads invalidate the cache
         return super()._apply(fn, recurse)

@@ -6,6 +6,11 @@ in the module, so one set of weights serves any number of independent streams, a
 batch slot is restarted with `state.reset(mask)` without touching its neighbours. Some
 streams alone are stepped with `rows_of(state, rows)`: a copy of their rows' state, written
 back after the step (the conv states are small; KV caches step their rows in place instead).
+
+A lockstep step (one static shape, so one compiled graph or CUDA graph replays every step)
+computes every stream and lets only some advance: `active_of(state, active)` keeps the
+previous state of the others. It selects with `torch.where` and writes back in place: no
+device sync, no shape that depends on the data. Both ways give the same numbers.
 """
 
 from collections.abc import Iterator
@@ -39,6 +44,11 @@ class RowsState(Protocol):
         """Write `part` (from `take(rows)`, stepped since) back into streams `rows`."""
 
 
+class MaskableState(Protocol):
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the state, batch first, as a step updates them (in place)."""
+
+
 S = TypeVar("S", bound=RowsState)
 
 
@@ -51,6 +61,21 @@ def rows_of(state: S, rows: torch.Tensor | None) -> Iterator[S]:
     part = state.take(rows)
     yield part
     state.put(rows, part)
+
+
+@contextmanager
+def active_of(state: MaskableState, active: torch.Tensor | None) -> Iterator[None]:
+    """Around a step of every stream of `state`: the streams where `active` [B] is False get
+    their state from before the step back (no-op when None). For small states (conv
+    histories): a copy of the whole state per step."""
+    if active is None:
+        yield
+        return
+    tensors = state.tensors()
+    before = [t.clone() for t in tensors]
+    yield
+    for now, old in zip(tensors, before):
+        now.copy_(torch.where(active.view(-1, *([1] * (now.dim() - 1))), now, old))
 
 
 @dataclass
@@ -71,6 +96,9 @@ class StateGroup:
         for child, stepped in zip(self.children, part.children):
             if child is not None:
                 child.put(rows, stepped)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for child in self.children if child is not None for t in child.tensors()]
 
 
 class ResettableFields:
