@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 # The reference implementation: a test oracle only, never a runtime dependency.
 REFERENCE ?= moshi==0.2.13
 
-.PHONY: run test test-fast wheel space requirements bench setup setup-test system-deps clean
+.PHONY: run test test-fast wheel space requirements bench bench-gpu setup setup-test system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,15 +60,23 @@ setup-test: $(VENV)/.test system-deps
 run: setup
 	$(PY) app.py
 
+# Both print their 15 slowest tests: the budgets (20 and 3 minutes on 2 cores, docs/testing.md)
+# are kept by looking there first.
 test: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PY) -m pytest -q -m "not e2e and not slow" --durations=15
 
 # One table, ours beside the reference; `make bench BENCH_ARGS=--quick` skips the full 7B.
 bench: setup-test
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# The GPU benchmark (bench/gpu.py, docs/benchmarks.md): the 7B and Mimi on one CUDA card, random
+# weights made there, 1 to 96 conversations; under 8 minutes, figures in bench/results/gpu.json.
+# Needs no test oracle. `make bench-gpu BENCH_GPU_ARGS="--batches 1,8,64"` narrows it.
+bench-gpu: setup
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
 
 # The wheel users install (dist/), as the Dockerfile and a Space build it. A stale build/
 # would slip files the package data misses into it, so it goes first.

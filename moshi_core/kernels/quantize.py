@@ -40,13 +40,13 @@ def _quantize_slab(rows: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -
 
 
 def quantize_q8_0(weight: torch.Tensor) -> Q8Tensor:
-    """A float matrix [out, in] (in a multiple of 32) as Q8_0, a slab of rows at a time, so
-    no float32 copy of a large matrix is ever made."""
+    """A float matrix [out, in] (in a multiple of 32) as Q8_0, on the matrix's device, a slab
+    of rows at a time, so no float32 copy of a large matrix is ever made."""
     if not is_q8_matrix(weight):
         raise ValueError(f"Q8_0 needs a float matrix whose rows are multiples of {Q8_BLOCK}, not {list(weight.shape)}")
     rows, cols = weight.shape
-    qs = torch.empty(rows, cols, dtype=torch.int8)
-    scales = torch.empty(rows, cols // Q8_BLOCK, dtype=torch.float16)
+    qs = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(rows, cols // Q8_BLOCK, dtype=torch.float16, device=weight.device)
     step = max(1, _SLAB_VALUES // cols)
     for i in range(0, rows, step):
         _quantize_slab(weight[i : i + step], qs[i : i + step], scales[i : i + step])
