@@ -274,10 +274,12 @@ class LMModel(nn.Module):
         return self.transformer.init_state(batch_size, max_step)
 
     def forward_text(self, tokens: torch.Tensor, cache: KVCache, condition_sum: torch.Tensor | None = None,
-                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     rows: torch.Tensor | None = None,
+                     active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, K, T] -> (normed hidden state z [B, T, dim], text logits [B, 1, T, text_card]).
 
-        With `rows` [B], the tokens are those of the cache's streams `rows` (see `Transformer.step`).
+        With `rows` [B], the tokens are those of the cache's streams `rows`; with `active` [B]
+        bool, only the active streams' cache advances (see `Transformer.step`).
 
         `condition_sum` [B, 1, dim] (TTS settings) is added to every step's input; a voice to
         attend to is set once per session with `transformer.set_cross_source(cache, ...)`.
@@ -285,7 +287,7 @@ class LMModel(nn.Module):
         x = self.embed(tokens)
         if condition_sum is not None:
             x = x + condition_sum.to(x)
-        z = self.out_norm(self.transformer.step(x, cache, rows))
+        z = self.out_norm(self.transformer.step(x, cache, rows, active))
         return z, self.text_linear(z)[:, None]
 
     # -- depth transformer -----------------------------------------------------------------

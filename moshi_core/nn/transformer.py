@@ -125,6 +125,10 @@ class KVCache:
     positions: torch.Tensor  # [B, C] absolute position held in each slot, -1 if empty
     offset: torch.Tensor  # [B] next absolute position
     max_step: int
+    # Whether `steps` is kept: only per-step weights and context-free caches (the depth
+    # transformer) read it. Elsewhere it stays 0, so a compiled step reads no Python int
+    # that changes every call (dynamo would guard on it and recompile each step).
+    count_steps: bool = True
     steps: int = 0  # steps taken since the last full reset: selects per-step weights
     # Cross-attention keys and values per layer [B, H, S, D], computed once per session.
     cross_keys: list[torch.Tensor] | None = None
@@ -144,22 +148,48 @@ class KVCache:
             self.positions.copy_(torch.where(mask[:, None], -1, self.positions))
             self.offset.mul_(keep_mask(mask, 1))
 
-    def advance(self, steps: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def first(self, n: int) -> "KVCache":
+        """The first `n` streams, sharing this cache's storage (scratch for a smaller batch)."""
+        if n == self.offset.shape[0]:
+            return self
+        return KVCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.positions[:n],
+                       self.offset[:n], self.max_step, self.count_steps, self.steps)
+
+    def advance(self, steps: int, rows: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Claim `steps` entries for every stream, or for the streams `rows` [A] only; returns
-        the write indices [A, T] and the query positions [A, T]."""
+        the write indices [A, T], the query positions [A, T] and the positions [A, C] to mask with.
+
+        With `active` [B] bool (rows None), every stream gets indices and positions but only
+        the active ones keep them: an inactive stream's offset and positions stay as they were.
+        Its keys and values are still written, at its next write index, and its next real
+        step writes that same entry before any query reads it, so the stray write is never seen.
+        The mask is built as if every stream advanced: a fresh stream's query then sees its own
+        key, never an empty window (whose softmax would be NaN).
+        """
         if steps > self.max_step:
             raise ValueError(f"a step of {steps} exceeds the cache's max_step={self.max_step}")
+        if active is not None and rows is not None:
+            raise ValueError("step either `rows` or an `active` mask, not both")
         offset = self.offset if rows is None else self.offset[rows]
         pos_q = offset[:, None] + torch.arange(steps, device=self.offset.device)
         index = pos_q % self.capacity
-        if rows is None:
+        if active is not None:
+            advanced = self.positions.scatter(1, index, pos_q)
+            self.positions.copy_(torch.where(active[:, None], advanced, self.positions))
+            self.offset.add_(active.long() * steps)
+            positions = advanced
+        elif rows is None:
             self.positions.scatter_(1, index, pos_q)
             self.offset.add_(steps)
+            positions = self.positions
         else:
             self.positions[rows[:, None], index] = pos_q
             self.offset[rows] = offset + steps
-        self.steps += steps
-        return index, pos_q
+            positions = self.positions[rows]
+        if self.count_steps:
+            self.steps += steps
+        return index, pos_q, positions
 
 
 @dataclass
@@ -430,13 +460,18 @@ class Transformer(nn.Module):
             positions=torch.full((batch_size, capacity), -1, dtype=torch.long, device=w.device),
             offset=torch.zeros(batch_size, dtype=torch.long, device=w.device),
             max_step=max_step,
+            count_steps=cfg.context is None or cfg.weight_sets > 1,
         )
 
-    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None,
+             active: torch.Tensor | None = None) -> torch.Tensor:
         """x [A, T, C]: the next T steps of the streams `rows` [A] of the cache (all streams, in
-        order, when None). Rows that are not stepped keep their state untouched."""
+        order, when None). Rows that are not stepped keep their state untouched.
+
+        With `active` [B] bool instead of `rows`, every stream computes (static shapes: one
+        captured graph serves any set of streams) and only the active ones advance."""
         first_step = cache.steps
-        index, pos_q = cache.advance(x.shape[1], rows)
+        index, pos_q, positions = cache.advance(x.shape[1], rows, active)
         cfg = self.cfg
         # A Python counter, not `offset.max()`: no device sync on the hot path.
         if cfg.context is None and cache.steps > cache.capacity:
@@ -446,7 +481,6 @@ class Transformer(nn.Module):
             rotation = rope_rotation(pos_q, self.head_dim, cfg.max_period)
         elif cfg.positional_embedding == "sin":
             x = x + cfg.positional_scale * sin_embedding(pos_q, cfg.d_model, cfg.max_period).to(x.dtype)
-        positions = cache.positions if rows is None else cache.positions[rows]
         ctx = _StepContext(rotation, rows, index, window_mask(pos_q, positions, cfg.context), first_step)
         if cache.cross_keys is None:
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
@@ -490,5 +524,6 @@ class ProjectedTransformer(nn.Module):
     def init_state(self, batch_size: int, max_step: int = 1) -> KVCache:
         return self.transformer.init_state(batch_size, max_step)
 
-    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.transformer.step(x, cache, rows)
+    def step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None,
+             active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer.step(x, cache, rows, active)

@@ -5,7 +5,7 @@ import torch
 from oracle import REDUCED_7B, TINY_TEST_LM, write_reference_lm
 
 from moshi_core.inference.generate import LMGenerator
-from moshi_core.inference.sampling import sample_token
+from moshi_core.inference.sampling import SlotSampling
 from moshi_core.loading.checkpoints import load_lm
 from moshi_core.models.lm import UNGENERATED_TOKEN, LMConfig
 from moshi_core.params import SamplingParams
@@ -111,12 +111,14 @@ def test_conversation_past_the_context_keeps_going():
     assert ((out >= 0) & (out < 2048)).all()
 
 
-def test_sample_token_top_k_and_greedy():
+def test_sampling_top_k_and_greedy():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
-    assert sample_token(logits, 0.0, 0).item() == 1
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_token(logits, 1.0, 2, generator=g).item() for _ in range(200)}
-    assert draws == {1, 3}  # only the top 2 are ever drawn
+    slots = SlotSampling(2)
+    slots.configure(0, SamplingParams.greedy())
+    slots.configure(1, SamplingParams(temp_text=1.0, top_k_text=2), seed=0)
+    draws = torch.stack([slots.sample(logits.expand(2, -1), text=True) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1}
+    assert set(draws[:, 1].tolist()) == {1, 3}  # only the top 2 are ever drawn
     from moshi_core.errors import InvalidParameterError
 
     with pytest.raises(InvalidParameterError, match="temp"):
