@@ -59,7 +59,7 @@ STATIC_FILES = {"live.js": "text/javascript", "live-worklet.js": "text/javascrip
 SAMPLING_ARGS = {"text_temperature": ("temp_text", float), "text_topk": ("top_k_text", int),
                  "audio_temperature": ("temp", float), "audio_topk": ("top_k", int)}
 MAX_TOP_K = 2**31 - 1  # beyond the vocabulary it changes nothing; beyond int32 torch may overflow
-MAX_SEED = 2**63  # exclusive: torch generators take a signed 64-bit seed
+MAX_SEED = 2**63  # exclusive: a seed of the upstream protocol is a signed 64-bit integer (the sampler takes [-2**63, 2**64))
 
 
 class OpusCodec:
