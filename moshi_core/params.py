@@ -5,6 +5,7 @@ checked the same way (and means the same) whichever door it came through; nothin
 imports model code, so the API process can check requests without loading any.
 """
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -13,11 +14,32 @@ from moshi_core.errors import InvalidParameterError
 
 # How a server runs its models: the weights' and compute's dtype (torch's names) ...
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
-# ... and how LM steps run on CUDA: eager, `torch.compile`, or compiled into CUDA graphs.
+# ... and how LM steps run on CUDA: eager, `torch.compile`, or compiled into CUDA graphs (the
+# default; no effect on a CPU, which steps eagerly).
 GpuStep = Literal["eager", "compile", "cuda-graphs"]
 GPU_STEPS: tuple[GpuStep, ...] = ("eager", "compile", "cuda-graphs")
+# Kyutai's switches off, as its own code reads them: set and not "0" means on.
+NO_TORCH_COMPILE, NO_CUDA_GRAPH = "NO_TORCH_COMPILE", "NO_CUDA_GRAPH"
 # ... and whether float checkpoints are turned into 8-bit Q8_0 as they load (`load_lm`).
 QUANTIZE_MODES = ("none", "q8")
+
+
+def gpu_step_for(no_torch_compile: bool, no_cuda_graph: bool) -> GpuStep:
+    """The GPU step Kyutai's switches leave: NO_TORCH_COMPILE wins (eager), NO_CUDA_GRAPH
+    compiles without graphs, neither compiles into CUDA graphs."""
+    return "eager" if no_torch_compile else "compile" if no_cuda_graph else "cuda-graphs"
+
+
+def compile_mode(gpu_step: GpuStep) -> str:
+    """`torch.compile`'s mode for a compiled GPU step: CUDA graphs are its "reduce-overhead"."""
+    return "reduce-overhead" if gpu_step == "cuda-graphs" else "default"
+
+
+def gpu_step_from_env(environ: Mapping[str, str] = os.environ) -> GpuStep:
+    """`gpu_step_for` the switches in the environment (the core's default: `load_moshi`)."""
+    def on(name: str) -> bool:
+        return environ.get(name, "").strip() not in ("", "0")
+    return gpu_step_for(on(NO_TORCH_COMPILE), on(NO_CUDA_GRAPH))
 
 
 @dataclass(frozen=True)

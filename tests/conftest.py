@@ -76,3 +76,14 @@ def tiny_moshi(tmp_path_factory: pytest.TempPathFactory, mimi_checkpoint: Path, 
     os.symlink(mimi_checkpoint, folder / "tokenizer-e351c8d8-checkpoint125.safetensors")
     shutil.copy(tokenizer_model, folder / "tokenizer_spm_test.model")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_moshi: Path):
+    """The tiny Moshi loaded once, in float32 on the CPU. Engines and servers only read the models
+    (a server's conversations share one load the same way), so every test module may share it."""
+    import torch
+
+    from moshi_core.loading.registry import load_moshi
+
+    return load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)

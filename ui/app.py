@@ -52,7 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     def live_engine() -> LiveEngine:
         moshi = models.moshi(settings.default_model)
-        return LiveEngine(moshi, slots=settings.live_slots or (4 if moshi.lm.device.type == "cuda" else 1))
+        slots = settings.live_slots or (4 if moshi.lm.device.type == "cuda" else 1)
+        return models.engine(models.moshi_name(settings.default_model), moshi, lambda: LiveEngine(moshi, slots=slots))
 
     def live_model_loading() -> LoadStatus | None:
         """The load of the live conversation's model, while it is under way."""
@@ -61,7 +62,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     def transcription_engine() -> TranscriptionEngine:
         stt = models.stt()
-        return TranscriptionEngine(stt, slots=settings.live_slots or (4 if stt.lm.device.type == "cuda" else 1))
+        slots = settings.live_slots or (4 if stt.lm.device.type == "cuda" else 1)
+        return models.engine("stt", stt, lambda: TranscriptionEngine(stt, slots=slots))
 
     # One driver and one count per key for both doors to Moshi: /api/chat and /v1/realtime.
     live_driver, open_per_key = LiveDriver(live_engine), collections.Counter()

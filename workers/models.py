@@ -17,7 +17,7 @@ from moshi_core.errors import MoshiError
 from moshi_core.inference.stt import load_stt
 from moshi_core.inference.tts import TTSModel, load_tts
 from moshi_core.kernels.build import kernels, set_enabled, supported
-from moshi_core.kernels.q8 import set_int8_activations
+from moshi_core.kernels.q8 import set_gpu_q8, set_int8_activations
 from moshi_core.loading.checkpoints import load_mimi
 from moshi_core.loading.device import parse_dtype, resolve_device
 from moshi_core.loading.progress import (
@@ -25,6 +25,7 @@ from moshi_core.loading.progress import (
     DOWNLOADING,
     LOADING_WEIGHTS,
     READY,
+    WARMING_UP,
     LoadProgress,
     LoadStatus,
     Observer,
@@ -71,6 +72,7 @@ class ModelCache:
         # The process that loads models is the one whose kernels the settings choose.
         set_enabled(settings.cpu_kernels)
         set_int8_activations(settings.q8_activations == "int8")
+        set_gpu_q8(settings.gpu_q8)
         self.progress = LoadProgress()  # what each model's load is doing, for the log, the page and jobs
         self.progress.subscribe(LoadLog())
         self._lock = threading.Lock()  # guards the dicts below, never held while loading
@@ -151,10 +153,25 @@ class ModelCache:
         """The engine that batches every dialogue job of this process on `model`."""
         model = self.settings.check_model(model)
         moshi = self.moshi(model)
-        with self._lock:
+        with self._lock:  # not held while an engine warms up: other models' callers go on
+            lock = self._locks.setdefault(f"dialogue {model}", threading.Lock())
+        with lock:
             if model not in self._dialogue:
-                self._dialogue[model] = DialogueEngine(moshi, slots=self.settings.dialogue_slots)
+                engine = self.engine(self.moshi_name(model), moshi,
+                                     lambda: DialogueEngine(moshi, slots=self.settings.dialogue_slots))
+                with self._lock:
+                    self._dialogue[model] = engine
             return self._dialogue[model]
+
+    def engine(self, name: str, models: MoshiModels, build: Callable[[], T]) -> T:
+        """An engine on the loaded model `name` (`models`), built by `build`. Where its step is
+        compiled (CUDA), building it warms the step up (graph capture): that runs as a stage of
+        the model's load record (`/readyz`, the log, a waiting page), whose `ready` line then
+        gives the warm-up's time. Elsewhere, just `build()`."""
+        if not models.compiles:
+            return build()
+        with self.progress.loading(name, WARMING_UP):
+            return build()
 
     def preload(self) -> None:
         """Load the models `settings.preload` names, one after another (`start_preload` runs this

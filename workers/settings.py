@@ -15,7 +15,7 @@ from typing import Any
 
 from moshi_core.loading.catalog import DEFAULT_LM_SOURCE, DEFAULT_STT_SOURCE, DEFAULT_TTS_SOURCE, DEFAULT_VOICE_REPO
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE, MIMI_FILENAMES
-from moshi_core.params import DTYPE_NAMES, QUANTIZE_MODES, GpuStep
+from moshi_core.params import DTYPE_NAMES, NO_CUDA_GRAPH, NO_TORCH_COMPILE, QUANTIZE_MODES, GpuStep, gpu_step_for
 
 from .errors import SettingsError, UnknownModelError
 
@@ -64,8 +64,9 @@ class Settings:
     key_max_conversations: int = 1  # live conversations one API key may hold open at once
     cpu_kernels: bool = True
     q8_activations: str = "int8"  # how Q8_0 weights multiply on the CPU (moshi_core.kernels.q8)
+    gpu_q8: str = "int8"  # ... and on CUDA: the Triton kernel, or dequantized at load (`set_gpu_q8`)
     preload: tuple[str, ...] = ()  # models the app loads at start, in the background (PRELOAD_NAMES)
-    gpu_step: GpuStep = "eager"
+    gpu_step: GpuStep = "cuda-graphs"  # on CUDA only: a CPU steps eagerly
     host: str = "127.0.0.1"
     port: int | None = None  # None: each front door's own (7860 for the app, 8000 for `python -m api`)
 
@@ -91,8 +92,7 @@ class Settings:
         model = given["MOSHI_MODEL"] or DEFAULT_LM_SOURCE
         values["mimi"] = mimi_for(model, given["MOSHI_MIMI"])
         values["models"] = tuple(dict.fromkeys([model, *(given["MOSHI_MODELS"] or ())]))
-        values["gpu_step"] = ("cuda-graphs" if given["MOSHI_CUDA_GRAPHS"] else
-                              "compile" if given["MOSHI_COMPILE"] else "eager")
+        values["gpu_step"] = gpu_step_for(bool(given[NO_TORCH_COMPILE]), bool(given[NO_CUDA_GRAPH]))
         if given["MOSHI_PRELOAD"] is None and environ.get("SPACE_ID"):  # set on every Hugging Face Space
             values["preload"] = SPACE_PRELOAD
         if host := given["HOST"] or given["GRADIO_SERVER_NAME"]:
@@ -278,10 +278,14 @@ VARIABLES = (
              "(the page comes up at once; /readyz shows the progress); unset: each on first use, except "
              "on a Hugging Face Space (SPACE_ID set): moshi,mimi",
              "none, all, or a comma-separated list of " + ", ".join(PRELOAD_NAMES), parse_preload),
-    Variable("MOSHI_COMPILE", "gpu_step", "0", "`torch.compile` of the LM step on CUDA (unmeasured)", SWITCH,
-             _switch),
-    Variable("MOSHI_CUDA_GRAPHS", "gpu_step", "0", "the same in its CUDA-graph mode; wins over MOSHI_COMPILE",
-             SWITCH, _switch),
+    Variable("MOSHI_GPU_Q8", "gpu_q8", "int8", "how 8-bit (Q8_0) weights run on CUDA: int8, read by a "
+             "Triton kernel (a quarter of bfloat16's memory); dequantize, turned into the model's dtype at "
+             "load while the GPU has room", "int8 or dequantize", _choice("int8", "dequantize")),
+    Variable(NO_TORCH_COMPILE, "gpu_step", "0", "Kyutai's switch: 1 steps the models eagerly on CUDA (no "
+             "`torch.compile`, no CUDA graphs); by default the engines' LM step is compiled into CUDA graphs, "
+             "captured as each engine is built (no effect on the CPU)", SWITCH, _switch),
+    Variable(NO_CUDA_GRAPH, "gpu_step", "0", "Kyutai's switch: 1 compiles the LM step on CUDA without CUDA "
+             "graphs", SWITCH, _switch),
     Variable("HOST", "host", "127.0.0.1", "interface the app and `python -m api` listen on; 0.0.0.0 for all",
              "a host name or address", _text),
     Variable("GRADIO_SERVER_NAME", "host", "", "the same, as a Hugging Face Space sets it; HOST wins",

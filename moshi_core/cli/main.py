@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multiply 8-bit (Q8_0) weights with float activations, giving the dequantized model's "
                              "numbers exactly, instead of in int8 as GGUF runtimes do (faster; what "
                              "MOSHI_Q8_ACTIVATIONS=float does for the servers)")
+    parser.add_argument("--gpu-q8", choices=("int8", "dequantize"), default="int8",
+                        help="on CUDA, run 8-bit weights as int8 through the Triton kernel (default) or dequantize "
+                             "them at load while the GPU has room (what MOSHI_GPU_Q8 does for the servers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Each command's description is the docstring of the function that runs it.
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu_kernels.set_enabled(not args.no_cpu_kernels)
     q8.set_int8_activations(not args.strict_q8)
+    q8.set_gpu_q8(args.gpu_q8)
     try:
         from moshi_core.cli.tts import run_tts
 

@@ -6,7 +6,9 @@ and leaves when its audio ends or it is cancelled, between steps, while the othe
 step reads the weights once for all slots, so on a GPU, or on a CPU where a step is bound by
 memory, a batch costs little more than one dialogue. Every slot samples with its own
 generator and the CPU kernels compute each row on its own, so on CPU a dialogue's answer is
-the same bits alone or beside others.
+the same bits alone or beside others. On CUDA every slot computes in lockstep under an active
+mask (one compiled step, warmed up as the batch is built); on a CPU only the seated rows do
+(`lockstep`); the numbers are the same either way.
 
 The first frame is fed twice, as Kyutai's `run_inference` does: a dialogue's first step only
 primes the delayed streams, so the second is the first that yields a frame, and every output
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moshi_core.engines.slots import SlotTable
+from moshi_core.engines.slots import SlotTable, lockstep_default, warm_up
 from moshi_core.inference.generate import LMGenerator
 from moshi_core.loading.registry import MoshiModels
 from moshi_core.params import SamplingParams
@@ -58,7 +60,8 @@ def progress_of(dialogues: list[Dialogue]) -> tuple[int, int]:
 class DialogueBatch:
     """Up to `slots` dialogues stepped together; more wait in line for a free slot."""
 
-    def __init__(self, models: MoshiModels, slots: int = 4) -> None:
+    def __init__(self, models: MoshiModels, slots: int = 4, lockstep: bool | None = None) -> None:
+        """`lockstep`: step every slot under an active mask (None: on CUDA) or only the seated rows."""
         self._table: SlotTable[Dialogue] = SlotTable(slots, "dialogue engine")
         self._waiting: deque[Dialogue] = deque()
         self._device = models.lm.device
@@ -66,6 +69,8 @@ class DialogueBatch:
                                      gpu_step=models.gpu_step)
         with torch.inference_mode():  # the steps update the state in place in inference mode
             self._state = self.generator.init_state(slots, per_slot_sampling=True)
+        self.lockstep = lockstep_default(self._device) if lockstep is None else lockstep
+        warm_up("dialogue batch", self.lockstep, self.generator, self._state)
 
     @property
     def num_slots(self) -> int:
@@ -122,8 +127,9 @@ class DialogueBatch:
             self._table.join(joining, self._state)
             # A dialogue's first step feeds its first frame (priming), then frame t at step t + 1.
             codes = torch.stack([d.codes[:, max(d.steps - 1, 0)] for _, d in seated])[..., None]  # [A, n_user, 1]
-            rows = self._table.rows([slot for slot, _ in seated], self._device)
-            out = self.generator.step(codes, self._state, rows)  # [A, 1 + dep_q]
+            batch = self._table.batch([slot for slot, _ in seated], self.lockstep)
+            out = batch.outputs(self.generator.step(batch.inputs(codes), self._state, batch.rows(self._device),
+                                                    batch.active(self._device)))  # [A, 1 + dep_q]
         for (_, d), frame in zip(seated, out):
             if d.steps > 0:
                 d.frames.append(frame)

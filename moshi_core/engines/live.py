@@ -3,11 +3,13 @@
 A `LiveEngine` holds N slots of one model's streaming state (Mimi in both directions, the
 LM). Each `step` takes the next 1920-sample frame of every open conversation and runs Mimi
 encode -> LM step -> Mimi decode for them in one batch. Only the slots of conversations that
-have started are stepped (slots join and leave between steps; free ones cost nothing). A
-step costs little more for a few rows than for one: it is bound by reading the weights. A
-conversation's slot is reset (LM, Mimi, its sampling generator) on its first step, so
-nothing of the previous caller remains. A conversation starts with its first frame: until
-then its slot idles like the free ones.
+have started advance (slots join and leave between steps): on a CPU only their rows are
+computed (free ones cost nothing); on CUDA every slot computes in lockstep under an active
+mask, so one compiled step (a CUDA graph, captured as the engine is built) replays every
+step; the numbers are the same either way (`lockstep`). A step costs little more for a few
+rows than for one: it is bound by reading the weights. A conversation's slot is reset (LM,
+Mimi, its sampling generator) on its first step, so nothing of the previous caller remains.
+A conversation starts with its first frame: until then its slot idles like the free ones.
 
 One conversation's failure is its own: a bad frame, or a seed or parameter its slot cannot be
 configured with, ends that conversation (its `LiveFrame.error`) and no other; its slot is not
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moshi_core.engines.slots import SlotTable
+from moshi_core.engines.slots import SlotTable, lockstep_default, warm_up
 from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
@@ -54,7 +56,10 @@ class _Conversation:
 
 
 class LiveEngine:
-    def __init__(self, models: MoshiModels, slots: int = 1, sampling: SamplingParams | None = None) -> None:
+    def __init__(self, models: MoshiModels, slots: int = 1, sampling: SamplingParams | None = None,
+                 lockstep: bool | None = None) -> None:
+        """`lockstep`: step every slot under an active mask (None: on CUDA) or only the
+        conversations' rows."""
         self._table: SlotTable[_Conversation] = SlotTable(slots, "live engine")
         self.models = models
         self.sampling = sampling or SamplingParams.from_config(models.generation_defaults)
@@ -66,6 +71,9 @@ class LiveEngine:
         with torch.inference_mode():
             self._lm_state = self.generator.init_state(slots, per_slot_sampling=True)
             self._mimi_state = models.mimi.init_state(slots)
+        self.lockstep = lockstep_default(models.lm.device) if lockstep is None else lockstep
+        warm_up("live engine", self.lockstep, self.generator, self._lm_state, models.mimi, self._mimi_state,
+                self._user_streams, cfg.dep_q)
 
     @property
     def num_slots(self) -> int:
@@ -121,14 +129,19 @@ class LiveEngine:
         for i, slot in enumerate(stepped):
             if frames.get(slot) is not None:
                 wav[i, 0] = torch.from_numpy(np.asarray(frames[slot], dtype=np.float32))
+        batch = self._table.batch(stepped, self.lockstep)
         with torch.inference_mode():
-            lm_rows, mimi_rows = self._table.rows(stepped, lm.device), self._table.rows(stepped, mimi.device)
-            codes = mimi.encode_step(wav.to(mimi.device), self._mimi_state, self._user_streams, mimi_rows)
-            out = self.generator.step(codes.to(lm.device), self._lm_state, lm_rows)  # [A, 1 + dep_q]
-            # First steps return -2 (no frame yet): decode a placeholder, dropped below.
-            audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state, mimi_rows)
+            mimi_rows, mimi_active = batch.rows(mimi.device), batch.active(mimi.device)
+            codes = mimi.encode_step(batch.inputs(wav).to(mimi.device), self._mimi_state, self._user_streams,
+                                     mimi_rows, mimi_active)
+            out = self.generator.step(codes.to(lm.device), self._lm_state, batch.rows(lm.device),
+                                      batch.active(lm.device))  # [A or N, 1 + dep_q]
+            # First steps (and free slots in lockstep) return -2: decode a placeholder, dropped below.
+            audio = mimi.decode_step(out[:, 1:, None].clamp(min=0).to(mimi.device), self._mimi_state, mimi_rows,
+                                     mimi_active)
             if joining:
                 self._mimi_state.reset(self._table.mask(joining).to(mimi.device))  # the next frame is encoded afresh
+            out, audio = batch.outputs(out), batch.outputs(audio)
         pcm = audio[:, 0].float().cpu().numpy()
         text_tokens = out[:, 0].tolist()
         for i, slot in enumerate(stepped):

@@ -2,9 +2,10 @@
 
 A `TranscriptionEngine` holds N slots of one speech-to-text model's streaming state (Mimi
 encoder, LM, word segmenter). Each `step` takes the next 1920-sample frame of the streams
-that have one and steps only those rows, so a caller who pauses sending loses nothing: its
-stream simply waits. A stream is an utterance: `finish` feeds the silence the model needs to
-catch up with its delay, closes the last word and starts the slot afresh for the next one.
+that have one and advances only those (their rows, or every slot under an active mask on
+CUDA: see `Transcriber`), so a caller who pauses sending loses nothing: its stream simply
+waits. A stream is an utterance: `finish` feeds the silence the model needs to catch up
+with its delay, closes the last word and starts the slot afresh for the next one.
 
 Voice activity: where the model has Kyutai's voice-activity heads, each step reports the
 probability that the speaker has finished (the head Kyutai's own server reads, the third);
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moshi_core.engines.slots import SlotTable
+from moshi_core.engines.slots import SlotTable, warm_up
 from moshi_core.errors import LiveBusyError
 from moshi_core.formats.text import Word
 from moshi_core.inference.stt import Transcriber
@@ -45,11 +46,14 @@ class _Stream:
 
 
 class TranscriptionEngine:
-    def __init__(self, models: MoshiModels, slots: int = 1) -> None:
-        self.transcriber = Transcriber(models)
+    def __init__(self, models: MoshiModels, slots: int = 1, lockstep: bool | None = None) -> None:
+        """`lockstep`: step every slot under an active mask (None: on CUDA) or only the streams' rows."""
+        self.transcriber = Transcriber(models, lockstep=lockstep)
         self._table: SlotTable[_Stream] = SlotTable(slots, "transcription engine")
         with torch.inference_mode():
             self._state = self.transcriber.init_state(slots)
+        warm_up("transcription engine", self.transcriber.lockstep, self.transcriber.generator, self._state.lm,
+                models.mimi, self._state.mimi, self.transcriber.num_codebooks)
         self.has_voice_activity = models.lm.cfg.extra_heads_num_heads > PAUSE_HEAD
 
     @property

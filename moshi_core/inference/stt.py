@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moshi_core.engines.slots import StepBatch, lockstep_default
 from moshi_core.errors import InvalidParameterError, ModelSourceError
 from moshi_core.formats.text import TEXT_EPAD, TEXT_PAD, TextTokenizer, Word
 from moshi_core.inference.generate import GenerationState, LMGenerator
@@ -160,9 +161,14 @@ class Transcript:
 
 
 class Transcriber:
-    """Streaming transcription of several audio streams at once, 80 ms per step."""
+    """Streaming transcription of several audio streams at once, 80 ms per step.
 
-    def __init__(self, models: MoshiModels, sampling: SamplingParams | None = None) -> None:
+    A step of some of the streams computes only their rows, or (`lockstep`; None: on CUDA)
+    every stream under an active mask, the static shape a compiled step replays; the numbers
+    are the same either way."""
+
+    def __init__(self, models: MoshiModels, sampling: SamplingParams | None = None,
+                 lockstep: bool | None = None) -> None:
         self.models = models
         self.mimi, self.lm = models.mimi, models.lm
         self.config = STTConfig.from_config(models.config)
@@ -175,6 +181,7 @@ class Transcriber:
         self.prefix_frames = max(1, math.ceil(self.config.audio_silence_prefix_seconds * self.frame_rate))
         self.tail_frames = math.ceil((self.config.audio_delay_seconds + TAIL_SECONDS) * self.frame_rate)
         self.offset_seconds = self.prefix_frames / self.frame_rate + self.config.audio_delay_seconds
+        self.lockstep = lockstep_default(self.lm.device) if lockstep is None else lockstep
 
     def segmenter(self) -> WordSegmenter:
         return WordSegmenter(self.models.tokenizer, self.frame_rate, self.offset_seconds,
@@ -195,13 +202,19 @@ class Transcriber:
         """One 80 ms frame per stream, pcm [B, 1, 1920] at 24 kHz (lead each stream with
         `silence(prefix_frames)`, and follow it with `silence(tail_frames)` to finish it).
         With `rows`, pcm holds the next frame of those streams of `state` only (in that order)."""
-        mimi_rows = None if rows is None else torch.tensor(rows, device=self.mimi.device)
-        codes = self.mimi.encode_step(pcm.to(self.mimi.device), state.mimi, self.num_codebooks, mimi_rows)
-        return self._step_codes(codes.to(self.lm.device), state, rows)
+        batch = self._batch(state, rows)
+        codes = self.mimi.encode_step(batch.inputs(pcm).to(self.mimi.device), state.mimi, self.num_codebooks,
+                                      batch.rows(self.mimi.device), batch.active(self.mimi.device))
+        return self._step_codes(batch.outputs(codes).to(self.lm.device), state, rows)
+
+    def _batch(self, state: TranscriptionState, rows: list[int] | None) -> StepBatch:
+        return StepBatch(list(range(len(state.words))) if rows is None else rows, len(state.words), self.lockstep)
 
     def _step_codes(self, codes: torch.Tensor, state: TranscriptionState, rows: list[int] | None = None) -> StepResult:
-        lm_rows = None if rows is None else torch.tensor(rows, device=self.lm.device)
-        out, heads = self.generator.step_with_extra_heads(codes, state.lm, lm_rows)
+        batch = self._batch(state, rows)
+        out, heads = self.generator.step_with_extra_heads(batch.inputs(codes), state.lm, batch.rows(self.lm.device),
+                                                          batch.active(self.lm.device))
+        out, heads = batch.outputs(out), batch.outputs(heads)
         tokens = out[:, 0]
         segmenters = state.words if rows is None else [state.words[r] for r in rows]
         words = [seg.push(t) for seg, t in zip(segmenters, tokens.tolist())]

@@ -13,7 +13,11 @@ given as speaker embeddings the transformer cross-attends to, and CFG is distill
 4. once the audio delay has passed, Mimi decodes one frame of PCM.
 
 `TTSSession` runs a batch of requests side by side (each its own voice, text and seed) and
-yields audio as it is made; `synthesize` collects it.
+yields audio as it is made; `synthesize` collects it. A request whose audio is complete stops
+stepping while the others go on: its rows are dropped from the steps (the default), or
+(`lockstep`) stepped under an active mask that keeps its state still; the outputs are the
+same. Rows are the default on CUDA too: a TTS step reads its sampled tokens on the host (the
+text feed) and each session has a state of its own, so no one graph replays its steps.
 """
 
 import os
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moshi_core.engines.slots import StepBatch
 from moshi_core.errors import CheckpointError, InvalidParameterError, ModelSourceError
 from moshi_core.formats.text import TEXT_PAD, TextTokenizer, Word
 from moshi_core.inference.generate import depth_step
@@ -171,7 +176,8 @@ class TTSSession:
     its own conditions, cache rows and random generator.
     """
 
-    def __init__(self, model: TTSModel, requests: list[TTSRequest]) -> None:
+    def __init__(self, model: TTSModel, requests: list[TTSRequest], lockstep: bool = False) -> None:
+        """`lockstep`: finished requests' rows step masked instead of being dropped."""
         if not requests:
             raise InvalidParameterError("nothing to synthesize")
         # Distilled CFG only: classic CFG (a second, unconditioned batch) is not run, as Kyutai
@@ -196,6 +202,8 @@ class TTSSession:
         self.frames: list[torch.Tensor] = []  # every completed frame [B, 1 + dep_q], for inspection
         self.mimi_state = model.mimi.init_state(B)
         self.max_steps = max(r.params.max_steps for r in requests)
+        self.lockstep = lockstep
+        self.padding_bonus = torch.tensor([r.params.padding_bonus for r in requests], device=lm.device)
 
     # -- conditions ----------------------------------------------------------------------
 
@@ -242,23 +250,27 @@ class TTSSession:
         """One 80 ms step of the LM. Returns the frame it completes, [B, 1 + dep_q] with the
         delays undone (text, then audio codes), or None while the delays fill."""
         lm, t = self.model.lm, self.step_index
-        B = len(self.requests)
+        batch = self._batch()
+        rows, active = batch.rows(lm.device), batch.active(lm.device)
+        requests = list(range(len(self.items))) if rows is None else batch.slots  # of the step's rows
         first = t <= self.delays  # [K]: streams still on their start token
-        inputs = torch.where(first, lm.initial_tokens(B)[..., 0], self.previous)
-        z, text_logits = lm.forward_text(inputs[..., None], self.cache, self.condition_sum)
+        inputs = torch.where(first, lm.initial_tokens(len(requests))[..., 0], batch.take(self.previous))
+        condition_sum = None if self.condition_sum is None else batch.take(self.condition_sum)
+        z, text_logits = lm.forward_text(inputs[..., None], self.cache, condition_sum, rows, active)
         logits = text_logits[:, 0, 0].float()
-        bonus = torch.tensor([r.params.padding_bonus for r in self.requests], device=logits.device)
-        logits[:, TEXT_PAD] += bonus
-        sampled = self.sampling.sample(logits, text=True).tolist()
-        fed = [self.model.text_input(item.feed.next(t, s)) for item, s in zip(self.items, sampled)]
+        logits[:, TEXT_PAD] += batch.take(self.padding_bonus)
+        sampled = self.sampling.sample(logits, True, rows, active).tolist()
+        # A finished request's feed is over: its masked row reads its last token again.
+        fed = [int(self.previous[i, 0]) if self.items[i].done else self.model.text_input(self.items[i].feed.next(t, s))
+               for i, s in zip(requests, sampled)]
         text = torch.tensor(fed, dtype=torch.long, device=lm.device)
         if t < self.model.delay_steps:  # the audio is all in the delay: no depth transformer
-            audio = torch.full((B, lm.cfg.dep_q), ZERO_TOKEN, dtype=torch.long, device=lm.device)
+            audio = torch.full((len(requests), lm.cfg.dep_q), ZERO_TOKEN, dtype=torch.long, device=lm.device)
         else:
-            audio = depth_step(lm, text, z, lambda logits: self.sampling.sample(logits.float(), text=False))
+            audio = depth_step(lm, text, z, lambda logits: self.sampling.sample(logits.float(), False, rows, active))
         # Audio positions before the delay are "none", even where the depth step sampled them.
         audio = torch.where(t < self.delays[1:] + self.model.delay_steps, ZERO_TOKEN, audio)
-        self.previous = torch.cat([text[:, None], audio], dim=1)
+        self.previous = batch.put(self.previous, torch.cat([text[:, None], audio], dim=1))
         self.history.append(self.previous)
         self.step_index += 1
         if t < self.max_delay:
@@ -267,6 +279,10 @@ class TTSSession:
         frame = torch.stack([self.history[d][:, k] for k, d in enumerate(self.delays.tolist())], dim=1)
         self.frames.append(frame)
         return frame
+
+    def _batch(self) -> StepBatch:
+        """The step of the requests still speaking."""
+        return StepBatch([i for i, item in enumerate(self.items) if not item.done], len(self.items), self.lockstep)
 
     # -- audio out -----------------------------------------------------------------------
 
@@ -301,8 +317,11 @@ class TTSSession:
             index = self.step_index - 1 - self.max_delay - delay  # frame number in the audio
             if index < 0:
                 continue
-            pcm = mimi.decode_step(frame[:, 1:, None], self.mimi_state).clamp(-1, 1)[:, 0]
-            yield from self._emit(index, pcm)
+            batch = self._batch()
+            codes = batch.take(frame[:, 1:, None])
+            pcm = mimi.decode_step(codes, self.mimi_state, batch.rows(mimi.device), batch.active(mimi.device))
+            pcm = batch.put(pcm.new_zeros(len(self.items), *pcm.shape[1:]), pcm)
+            yield from self._emit(index, pcm.clamp(-1, 1)[:, 0])
         for i, item in enumerate(self.items):  # ran out of steps: close what is open
             if not item.done:
                 item.done = True

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 DOWNLOADING = "downloading"
 BUILDING_KERNELS = "building CPU kernels"
 LOADING_WEIGHTS = "loading weights"  # also: checking the files' versions, between downloads
+WARMING_UP = "warming up"  # an engine's compiled step runs once, so CUDA graphs are captured before any user
 READY = "ready"
 FAILED = "failed"
 log = logging.getLogger(__name__)
@@ -97,9 +98,9 @@ class LoadProgress:
         return {name: s for name, s in self.snapshot().items() if s.stage != READY}
 
     @contextlib.contextmanager
-    def loading(self, model: str) -> Iterator[None]:
-        """Record the load of `model` that runs inside: ready at the end, failed on an exception."""
-        self._set(LoadStatus(model, LOADING_WEIGHTS, self._clock()))
+    def loading(self, model: str, stage: str = LOADING_WEIGHTS) -> Iterator[None]:
+        """Record the load of `model` that runs inside, from `stage`: ready at the end, failed on an exception."""
+        self._set(LoadStatus(model, stage, self._clock()))
         token = _CURRENT.set((self, model))
         try:
             yield

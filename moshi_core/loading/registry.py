@@ -22,7 +22,7 @@ from moshi_core.loading.files import file_in, read_config
 from moshi_core.loading.hub import parse_source
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 from moshi_core.models.mimi import MimiModel
-from moshi_core.params import GpuStep
+from moshi_core.params import GpuStep, compile_mode, gpu_step_from_env
 
 LM_FILENAMES = ("model.q8.gguf", "model.safetensors", "model.q8.safetensors")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
@@ -38,7 +38,12 @@ class MoshiModels:
     source: str
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # `lm_gen_config`
     config: dict[str, Any] = field(default_factory=dict)  # the whole config.json ({} without one)
-    gpu_step: GpuStep = "eager"  # how LM steps run on CUDA (`LMGenerator`)
+    gpu_step: GpuStep = "eager"  # how the engines' LM and Mimi steps run on CUDA (`LMGenerator`, `compile_steps`)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the engines' LM steps are compiled (CUDA and not eager): they warm up when built."""
+        return self.lm.device.type == "cuda" and self.gpu_step != "eager"
 
 
 def load_moshi(
@@ -47,9 +52,12 @@ def load_moshi(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     revision: str | None = None,
-    gpu_step: GpuStep = "eager",
+    gpu_step: GpuStep | None = None,
     quantize: str | None = None,
 ) -> MoshiModels:
+    """`gpu_step` (no effect on a CPU): None takes Kyutai's switches from the environment,
+    CUDA graphs unless NO_CUDA_GRAPH=1 (compiled only) or NO_TORCH_COMPILE=1 (eager)."""
+    gpu_step = gpu_step or gpu_step_from_env()
     wants_q8(quantize)  # a bad value fails before any download
     parsed = parse_source(source, revision)
     if parsed.local is not None and parsed.local.is_file():
@@ -75,6 +83,8 @@ def load_moshi(
         raise CheckpointError(f"the LM of {source} has {lm_config.card} audio tokens but Mimi has "
                               f"{mimi.cfg.quantizer.bins}: they do not belong together")
     tokenizer = TextTokenizer(file_in(parsed, config.get("tokenizer_name", TOKENIZER_FILENAME), revision))
+    if mimi.device.type == "cuda" and gpu_step != "eager":  # the engines' lockstep Mimi steps, like the LM's
+        mimi.compile_steps(mode=compile_mode(gpu_step))
     return MoshiModels(lm, mimi, tokenizer, str(source), dict(config.get("lm_gen_config") or {}), config, gpu_step)
 
 

@@ -15,6 +15,7 @@ length, progress can be reported, and offline and streaming are one code path (e
 layer's streaming state reproduces exactly what the layer sees offline).
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,12 @@ class MimiState(ResettableFields):
     def batch_size(self) -> int:
         return self.encoder.transformer.offset.shape[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step updates in place (the convs' histories, the transformers' caches)."""
+        caches = (self.encoder.transformer, self.decoder.transformer)
+        convs = StateGroup([self.encoder.seanet, self.encoder.downsample, self.decoder.upsample, self.decoder.seanet])
+        return [*convs.tensors(), *(t for c in caches for t in (*c.keys, *c.values, c.positions, c.offset))]
+
 
 class MimiModel(nn.Module):
     def __init__(self, cfg: MimiConfig | None = None) -> None:
@@ -136,6 +143,9 @@ class MimiModel(nn.Module):
         self.quantizer = SplitResidualVectorQuantizer(cfg.quantizer)
         self.num_codebooks = cfg.num_codebooks
         self.checkpoint_id = "random-init"  # set by the loader; recorded in token files
+        # The lockstep steps (`active` mask) once compiled (`compile_steps`): "encode", "decode".
+        self._lockstep: dict[str, Callable] = {}
+        self._static_state = False  # states are marked as fixed addresses, for CUDA graphs
 
     # -- properties -------------------------------------------------------------------------
 
@@ -211,6 +221,39 @@ class MimiModel(nn.Module):
 
     # -- streaming --------------------------------------------------------------------------
 
+    def compile_steps(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Compile the lockstep streaming steps (`encode_step`/`decode_step` with an `active`
+        mask) into one graph each; the other calls stay eager. `mode="reduce-overhead"`
+        replays them as CUDA graphs: the states made from now on keep fixed addresses."""
+        options = {"fullgraph": True, "backend": backend, "mode": mode}
+        self._lockstep = {"encode": torch.compile(self._encode_step, **options),
+                          "decode": torch.compile(self._decode_step, **options)}
+        self._static_state = mode == "reduce-overhead"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the lockstep steps are compiled (`compile_steps`): engines warm them up at build."""
+        return bool(self._lockstep)
+
+    @torch.inference_mode()
+    def warm_up(self, state: "MimiState", num_codebooks: int, decoded: int | None = None, steps: int = 2) -> float:
+        """Run the lockstep steps a few times on an engine's own `state` (encoding
+        `num_codebooks`; decoding `decoded` codebooks, unless None), then reset it: the
+        compilation and CUDA-graph capture (a graph per state) happen now, at load, not in a
+        user's first step. Returns the seconds taken."""
+        start = time.perf_counter()
+        active = torch.ones(state.batch_size, dtype=torch.bool, device=self.device)
+        wav = torch.zeros(state.batch_size, 1, self.frame_size, device=self.device)
+        codes = torch.zeros(state.batch_size, decoded or 1, 1, dtype=torch.long, device=self.device)
+        for _ in range(steps):
+            self.encode_step(wav, state, num_codebooks, active=active)
+            if decoded is not None:
+                self.decode_step(codes, state, active=active)
+        state.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     def init_state(self, batch_size: int = 1, max_frames: int = 1) -> MimiState:
         """State for `batch_size` independent streams; `max_frames` is the size of one pass.
 
@@ -222,7 +265,7 @@ class MimiModel(nn.Module):
             if isinstance(module, (StreamingConvTranspose1d, ResidualVectorQuantizer)):
                 module.derive_weights()
         steps = self._steps_per_frame * max_frames
-        return MimiState(
+        state = MimiState(
             encoder=MimiEncoderState(
                 seanet=self.encoder.init_state(batch_size),
                 transformer=self.encoder_transformer.init_state(batch_size, steps),
@@ -235,6 +278,10 @@ class MimiModel(nn.Module):
             ),
             max_frames=max_frames,
         )
+        if self._static_state:
+            for tensor in state.tensors():
+                torch._dynamo.mark_static_address(tensor)
+        return state
 
     def encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int | None = None,
                     rows: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,6 +301,11 @@ class MimiModel(nn.Module):
                 f"streaming encode takes whole frames of {self.frame_size} samples, "
                 f"got {wav.shape[-1]}; buffer the remainder until the next call"
             )
+        step = self._lockstep.get("encode", self._encode_step) if active is not None else self._encode_step
+        return step(wav, state, num_codebooks, rows, active)
+
+    def _encode_step(self, wav: torch.Tensor, state: MimiState, num_codebooks: int, rows: torch.Tensor | None,
+                     active: torch.Tensor | None) -> torch.Tensor:
         st = state.encoder
         convs = StateGroup([st.seanet, st.downsample])
         codes = []
@@ -273,6 +325,11 @@ class MimiModel(nn.Module):
         Inactive streams still look their codes up: give them valid ones (zeros, say)."""
         self._check_codes(codes)
         self._check_batch(codes, state, rows, active)
+        step = self._lockstep.get("decode", self._decode_step) if active is not None else self._decode_step
+        return step(codes, state, rows, active)
+
+    def _decode_step(self, codes: torch.Tensor, state: MimiState, rows: torch.Tensor | None,
+                     active: torch.Tensor | None) -> torch.Tensor:
         st = state.decoder
         convs = StateGroup([st.upsample, st.seanet])
         pieces = []

@@ -3,18 +3,16 @@
 import asyncio
 
 import pytest
-import torch
 
 from api.capacity import capacity
 from api.live_driver import LiveDriver
 from moshi_core.engines.live import LiveEngine
 from moshi_core.errors import LiveBusyError
-from moshi_core.loading.registry import load_moshi
 
 
 @pytest.fixture(scope="module")
-def models(tiny_moshi):
-    return load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+def models(tiny_models):
+    return tiny_models
 
 
 def test_slots_count_from_admission_and_a_draining_driver_refuses_newcomers_only(models):

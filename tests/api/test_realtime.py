@@ -29,7 +29,6 @@ from moshi_core.engines.live import LiveEngine
 from moshi_core.engines.transcription import TranscriptionEngine
 from moshi_core.formats.audio import load_audio
 from moshi_core.inference.stt import load_stt
-from moshi_core.loading.registry import load_moshi
 from workers.settings import Settings
 
 pytestmark = pytest.mark.e2e  # real servers
@@ -42,12 +41,11 @@ COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
 @pytest.fixture(scope="module")
-def address(tiny_moshi, mimi_checkpoint, tokenizer_model, tmp_path_factory):
-    moshi = load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+def address(tiny_models, mimi_checkpoint, tokenizer_model, tmp_path_factory):
     stt_folder = tmp_path_factory.mktemp("stt")
     write_stt_folder(stt_folder, "stt-1b-en_fr", mimi_checkpoint, tokenizer_model)
     stt = load_stt(str(stt_folder), dtype=torch.float32)
-    live, per_key = LiveDriver(lambda: LiveEngine(moshi, slots=SLOTS)), collections.Counter()
+    live, per_key = LiveDriver(lambda: LiveEngine(tiny_models, slots=SLOTS)), collections.Counter()
     app = FastAPI()
     app.include_router(create_chat_router(live, max_seconds=60, idle_seconds=10, max_per_key=SLOTS,
                                           open_per_key=per_key))

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 import websockets
 from fastapi import FastAPI
 from live_client import last_message_before_close
@@ -22,7 +21,6 @@ from api.auth import install_auth
 from api.chat import create_chat_router
 from api.live_driver import LiveDriver
 from moshi_core.engines.live import LiveEngine
-from moshi_core.loading.registry import load_moshi
 from workers.jobs import Job, JobKind, JobState, JobStore, new_job_id
 from workers.local_queue import LocalQueue
 from workers.models import ModelCache
@@ -149,10 +147,9 @@ def test_unfinished_jobs_are_taken_up_again_at_start_and_fairly(tmp_path, make_q
 
 
 @pytest.fixture(scope="module")
-def chat_url(tiny_moshi):
-    models = load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+def chat_url(tiny_models):
     app = FastAPI()
-    app.include_router(create_chat_router(LiveDriver(lambda: LiveEngine(models, slots=2)), max_seconds=60,
+    app.include_router(create_chat_router(LiveDriver(lambda: LiveEngine(tiny_models, slots=2)), max_seconds=60,
                                           idle_seconds=10, max_per_key=1))
     install_auth(app, Settings(api_keys=frozenset({"key-a", "key-b"})))
     with serving_in_thread(app) as address:

@@ -9,7 +9,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 import websockets
 from fastapi import FastAPI
 from live_client import last_message_before_close
@@ -18,17 +17,18 @@ from servers import serving_in_thread
 from api.chat import MAX_MESSAGE_BYTES, create_chat_router
 from api.live_driver import LiveDriver
 from moshi_core.engines.live import LiveEngine
-from moshi_core.loading.registry import load_moshi
 
 STEPS = 10
+# The engine alone: the first step primes, the failing one ends, and two more show it never comes back.
+ENGINE_STEPS = 4
 IDLE_SECONDS = 2.0
 HANDSHAKE = b"\x00" + bytes(8)
 SILENCE = np.zeros(1920, np.float32)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_moshi):
-    return load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+def models(tiny_models):
+    return tiny_models
 
 
 def frames_of(outputs: list[dict], slot: int) -> int:
@@ -38,10 +38,10 @@ def frames_of(outputs: list[dict], slot: int) -> int:
 def test_a_seed_the_engine_cannot_take_ends_that_conversation_only(models):
     engine = LiveEngine(models, slots=2)
     good, bad = engine.open(seed=1), engine.open(seed=2**64)  # torch generators take < 2**64
-    outputs = [engine.step({good: SILENCE, bad: SILENCE}) for _ in range(STEPS)]
+    outputs = [engine.step({good: SILENCE, bad: SILENCE}) for _ in range(ENGINE_STEPS)]
     assert "cannot start the conversation" in outputs[0][bad].error
     assert all(bad not in out for out in outputs[1:])  # ended: never stepped again
-    assert frames_of(outputs, good) == STEPS - 1  # the first frame only primes the model
+    assert frames_of(outputs, good) == ENGINE_STEPS - 1  # the first frame only primes the model
 
 
 def test_a_bad_frame_ends_that_conversation_only(models):
@@ -49,9 +49,9 @@ def test_a_bad_frame_ends_that_conversation_only(models):
     good, bad = engine.open(seed=1), engine.open(seed=2)
     outputs = [engine.step({good: SILENCE, bad: SILENCE})]
     outputs += [engine.step({good: SILENCE, bad: np.full(1920, np.nan, np.float32)})]
-    outputs += [engine.step({good: SILENCE, bad: SILENCE}) for _ in range(STEPS - 2)]
+    outputs += [engine.step({good: SILENCE, bad: SILENCE}) for _ in range(ENGINE_STEPS - 2)]
     assert "NaN" in outputs[1][bad].error and all(bad not in out for out in outputs[2:])
-    assert frames_of(outputs, good) == STEPS - 1
+    assert frames_of(outputs, good) == ENGINE_STEPS - 1
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,12 @@ def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _reference_latent(ref, wav: torch.Tensor) -> torch.Tensor:
+    """The reference's latent [1, D, F] of `wav`, as its RVQ receives it."""
+    with torch.no_grad():
+        return ref.downsample(ref.encoder_transformer(ref.encoder(wav))[0])
+
+
 def random_reference_mimi(calibration: torch.Tensor, seed: int = 0):
     """The reference Mimi at the full official config, with every tensor random.
 
@@ -53,7 +59,7 @@ def random_reference_mimi(calibration: torch.Tensor, seed: int = 0):
             if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.4 + 0.1)
         wav = calibration[..., : calibration.shape[-1] // 1920 * 1920]
-        latent = model.downsample(model.encoder_transformer(model.encoder(wav))[0])
+        latent = _reference_latent(model, wav)
         for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
             z = rvq.input_proj(latent)[0].T  # [frames, dim]
             mean, std = z.mean(0), z.std(0)
@@ -82,12 +88,11 @@ def load_reference_mimi(path: Path, num_codebooks: int = 8):
     return model
 
 
-def _reference_residual(ref, wav: torch.Tensor, frame: int, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual before `level`, centroids of `level`) in the reference's RVQ, for one frame."""
+def _reference_residual(ref, latent: torch.Tensor, frame: int, level: int,
+                        codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual before `level`, centroids of `level`) in the reference's RVQ, for one frame of `latent`."""
     with torch.no_grad():
-        latent = ref.encoder(wav)
-        latent = ref.encoder_transformer(latent)[0]
-        latent = ref.downsample(latent)[..., frame : frame + 1]
+        latent = latent[..., frame : frame + 1]
         split = ref.quantizer
         rvq, first = (split.rvq_first, 0) if level == 0 else (split.rvq_rest, 1)
         residual = rvq.input_proj(latent)[0, :, 0]
@@ -110,10 +115,11 @@ def assert_codes_equal_up_to_ties(codes: torch.Tensor, ref_codes: torch.Tensor, 
     assert codes.shape == ref_codes.shape
     frames = (codes != ref_codes).any(dim=1)[0].nonzero().flatten().tolist()
     assert len(frames) <= max(1, max_fraction * codes.shape[-1]), f"{len(frames)} frames differ: {frames}"
-    wav = wav[..., : ref_codes.shape[-1] * 1920]
+    # One encoder pass for every differing frame: on a long file each pass takes seconds.
+    latent = _reference_latent(ref, wav[..., : ref_codes.shape[-1] * 1920]) if frames else None
     for frame in frames:
         level = int((codes[0, :, frame] != ref_codes[0, :, frame]).nonzero()[0])
-        residual, centroids = _reference_residual(ref, wav, frame, level, ref_codes[0, :, frame])
+        residual, centroids = _reference_residual(ref, latent, frame, level, ref_codes[0, :, frame])
         ours, theirs = codes[0, level, frame], ref_codes[0, level, frame]
         d_ours = (residual - centroids[ours]).pow(2).sum()
         d_theirs = (residual - centroids[theirs]).pow(2).sum()

@@ -3,12 +3,11 @@
 import torch
 
 from moshi_core.formats.audio import load_audio
-from moshi_core.loading.registry import load_moshi
 from workers.dialogue_engine import DialogueEngine
 
 
-def test_an_unseeded_dialogue_reports_a_seed_that_reproduces_it(tiny_moshi, shared_audio):
-    engine = DialogueEngine(load_moshi(tiny_moshi, dtype=torch.float32), slots=2)
+def test_an_unseeded_dialogue_reports_a_seed_that_reproduces_it(tiny_models, shared_audio):
+    engine = DialogueEngine(tiny_models, slots=2)
     wav = load_audio(shared_audio / "en_short_16k.wav")[:, :24000]
     first, second = engine.run([wav, wav])  # each drew its own seed
     assert first.seed != second.seed and 0 <= first.seed < 2**31

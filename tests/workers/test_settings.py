@@ -31,16 +31,19 @@ def test_a_bad_value_is_one_line_naming_the_variable_the_value_and_what_is_allow
 def test_the_variables_make_the_fields(tmp_path):
     settings = Settings.from_env({
         "MOSHI_MODEL": "a", "MOSHI_MODELS": "b, a,c", "MOSHI_MAX_UPLOAD_MB": "2", "MOSHI_JOB_TTL_HOURS": "0.5",
-        "MOSHI_CUDA_GRAPHS": "1", "MOSHI_COMPILE": "1", "MOSHI_CPU_KERNELS": "0", "GRADIO_SERVER_NAME": "0.0.0.0",
+        "NO_CUDA_GRAPH": "1", "MOSHI_CPU_KERNELS": "0", "GRADIO_SERVER_NAME": "0.0.0.0",
         "PORT": "9000", "MOSHI_API_KEYS": "k1,,k2", "MOSHI_STORAGE_DIR": str(tmp_path), "MOSHI_DTYPE": " ",
     })
     assert settings.models == ("a", "b", "c") and settings.default_model == "a"
     assert settings.max_upload_bytes == 2 * 2**20 and settings.job_ttl_seconds == 1800
-    assert settings.gpu_step == "cuda-graphs" and not settings.cpu_kernels
+    assert settings.gpu_step == "compile" and not settings.cpu_kernels
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
     assert settings.api_keys == {"k1", "k2"} and settings.storage_dir == tmp_path
     assert settings.dtype == "bfloat16"  # blank is unset
-    assert Settings.from_env({"MOSHI_COMPILE": "1"}).gpu_step == "compile"
+    # Kyutai's switches: CUDA graphs unless told otherwise; no compile wins over no graphs.
+    assert Settings.from_env({}).gpu_step == "cuda-graphs"
+    assert Settings.from_env({"NO_TORCH_COMPILE": "1", "NO_CUDA_GRAPH": "1"}).gpu_step == "eager"
+    assert Settings.from_env({"MOSHI_GPU_Q8": "dequantize"}).gpu_q8 == "dequantize"
     assert Settings.from_env({"HOST": "h", "GRADIO_SERVER_NAME": "g"}).host == "h"
     # A Hugging Face Space preloads what its live tab needs, unless told otherwise.
     assert Settings.from_env({"SPACE_ID": "me/moshi"}).preload == ("moshi", "mimi")
@@ -59,7 +62,7 @@ def test_the_documented_defaults_are_the_defaults(monkeypatch):
 def test_every_gpu_step_the_core_runs_can_be_set():
     from moshi_core.params import GPU_STEPS
 
-    steps = {Settings.from_env(env).gpu_step for env in ({}, {"MOSHI_COMPILE": "1"}, {"MOSHI_CUDA_GRAPHS": "1"})}
+    steps = {Settings.from_env(env).gpu_step for env in ({}, {"NO_CUDA_GRAPH": "1"}, {"NO_TORCH_COMPILE": "1"})}
     assert steps == set(GPU_STEPS)
 
 

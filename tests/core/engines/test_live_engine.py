@@ -12,7 +12,6 @@ from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.audio import load_audio
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
-from moshi_core.loading.registry import load_moshi
 from moshi_core.params import SamplingParams
 
 STEPS = 10
@@ -20,8 +19,8 @@ HOT = SamplingParams(temp=1.0, temp_text=1.0)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_moshi):
-    return load_moshi(tiny_moshi, device="cpu", dtype=torch.float32)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +120,7 @@ def test_slots_join_and_leave_without_disturbing_each_other(models, speech):
     assert_same_conversation(joined, lone_session(models, new_input, HOT, 3))
 
 
+@pytest.mark.slow  # test-fast checks the free rows' states per component (test_mimi.py, test_transformer_active.py)
 def test_only_conversations_in_progress_are_stepped(models, speech):
     """Free slots and a conversation that has not started cost nothing: neither Mimi's nor the
     LM's state of their rows moves, and the one in progress is the lone session."""
