@@ -271,7 +271,7 @@ def conversations(gen: LMGenerator, batch: int, seed: int):
     (`LMGenerator.warm_up`: compilation, and the capture of the graph that its steps replay),
     then each slot given Kyutai's default sampling and its own seed; and the warm-up's seconds."""
     state = gen.init_state(batch, per_slot_sampling=True)
-    warm = gen.warm_up(batch, state=state)
+    warm = gen.warm_up(state)
     for slot in range(batch):
         state.slots.configure(slot, SamplingParams(), seed + slot)
     return state, warm

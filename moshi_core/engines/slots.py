@@ -53,7 +53,7 @@ def warm_up(what: str, lockstep: bool, generator: LMGenerator, lm_state: Generat
     if not lockstep or not (warm_lm or warm_mimi):
         return None
     report_stage(WARMING_UP)
-    seconds = generator.warm_up(lm_state.batch_size, state=lm_state) if warm_lm else 0.0
+    seconds = generator.warm_up(lm_state) if warm_lm else 0.0
     if warm_mimi:
         seconds += mimi.warm_up(mimi_state, encoded, decoded)
     log.info("%s: compiled steps warmed up for %d slots in %.1f s", what, lm_state.batch_size, seconds)
@@ -156,11 +156,6 @@ class SlotTable(Generic[T]):
         mask = torch.zeros(len(self), dtype=torch.bool)
         mask[slots] = True
         return mask
-
-    def rows(self, slots: list[int], device: torch.device | str) -> torch.Tensor | None:
-        """The `rows` argument of a step of `slots` (in slot order): None when every slot
-        steps, so the full batch goes through without gathering and scattering its state."""
-        return self.batch(slots, lockstep=False).rows(device)
 
     def batch(self, slots: list[int], lockstep: bool) -> StepBatch:
         """A step of `slots` (in slot order), by rows or in lockstep."""

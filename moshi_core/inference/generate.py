@@ -52,7 +52,7 @@ class GenerationState:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a step updates in place."""
         caches = [self.lm] + ([self.depth] if self.depth is not None else [])
-        held = [t for c in caches for t in (*c.keys, *c.values, c.positions, c.offset)]
+        held = [t for c in caches for t in c.tensors()]
         return [self.tokens, self.offsets, *held, *self.sampling.tensors()]
 
 
@@ -91,25 +91,22 @@ class LMGenerator:
         """Whether the lockstep step is compiled (`compile_step`): worth a `warm_up` at load."""
         return self._lockstep != self._step  # a bound method is a new object at each access: compared by value
 
-    def warm_up(self, batch_size: int, steps: int = 3, state: GenerationState | None = None) -> float:
-        """Run the lockstep step a few times on a scratch state, so that compilation and graph
-        capture happen now (at load) and not in a user's first step; returns the seconds taken.
-        With `state` (an engine's own, of `batch_size` slots), on it, reset afterwards: a CUDA
+    def warm_up(self, state: GenerationState, steps: int = 3) -> float:
+        """Run the lockstep step a few times on an engine's own `state`, then reset it, so that
+        compilation and graph capture happen now (at load), not in a user's first step: a CUDA
         graph is recorded per state (its tensors' addresses), so the one captured now is the
-        one the engine's steps replay."""
+        one the engine's steps replay. Returns the seconds taken."""
         start = time.perf_counter()
         # In inference mode, as the engines step: a graph is specialised to it (and to its inputs' kind).
         with torch.inference_mode():
-            scratch = state is None
-            state = self.init_state(batch_size, per_slot_sampling=True) if scratch else state
+            batch_size = state.batch_size
             codes = torch.zeros(batch_size, self.num_user_streams, 1, dtype=torch.long, device=self.lm.device)
             active = torch.ones(batch_size, dtype=torch.bool, device=self.lm.device)
             for _ in range(steps):
                 self.step(codes, state, active=active)
             if self.lm.extra_heads:
                 self.step_with_extra_heads(codes, state, active=active)
-            if not scratch:
-                state.reset()
+            state.reset()
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
         return time.perf_counter() - start

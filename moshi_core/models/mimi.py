@@ -125,7 +125,7 @@ class MimiState(ResettableFields):
         """Every tensor a step updates in place (the convs' histories, the transformers' caches)."""
         caches = (self.encoder.transformer, self.decoder.transformer)
         convs = StateGroup([self.encoder.seanet, self.encoder.downsample, self.decoder.upsample, self.decoder.seanet])
-        return [*convs.tensors(), *(t for c in caches for t in (*c.keys, *c.values, c.positions, c.offset))]
+        return [*convs.tensors(), *(t for c in caches for t in c.tensors())]
 
 
 class MimiModel(nn.Module):

@@ -138,6 +138,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.positions.shape[1]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step updates in place."""
+        return [*self.keys, *self.values, self.positions, self.offset]
+
     def reset(self, mask: torch.Tensor | None = None) -> None:
         # Stale keys are masked out by `positions`; the buffers need no clearing.
         if mask is None:

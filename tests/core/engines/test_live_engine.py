@@ -159,10 +159,10 @@ def test_the_slot_table_seats_releases_and_steps_every_slot_without_rows():
     assert table.seat(Occupant(HOT, 4)) is None  # busy
     table.release(1)
     assert table.occupied() == [(0, first), (2, third)] and table[1] is None
-    assert table.rows([0, 2], "cpu").tolist() == [0, 2]
+    assert table.batch([0, 2], lockstep=False).rows("cpu").tolist() == [0, 2]
     assert table.mask([2]).tolist() == [False, False, True]
     assert table.seat(second) == 1
-    assert table.rows([0, 1, 2], "cpu") is None  # all slots step: no gather of their rows
+    assert table.batch([0, 1, 2], lockstep=False).rows("cpu") is None  # all slots step: no gather of their rows
     with pytest.raises(InvalidParameterError, match="a test engine needs at least 1 slot"):
         SlotTable(0, "test engine")
 

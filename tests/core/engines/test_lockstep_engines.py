@@ -161,7 +161,7 @@ def test_warming_up_on_a_state_leaves_it_as_fresh(tiny_models):
         for state in (warmed, fresh):
             state.slots.configure(0, HOT, 7)
             state.slots.configure(1, HOT, 8)
-        assert generator.warm_up(2, steps=2, state=warmed) >= 0
+        assert generator.warm_up(warmed, steps=2) >= 0
         assert torch.equal(warmed.offsets, fresh.offsets) and torch.equal(warmed.tokens, fresh.tokens)
         assert torch.equal(warmed.sampling.draws, fresh.sampling.draws)
         assert torch.equal(warmed.lm.positions, fresh.lm.positions)

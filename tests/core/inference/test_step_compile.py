@@ -102,12 +102,13 @@ def test_compiled_step_equals_eager_over_joins_and_leaves(backend):
 
 @torch._dynamo.config.patch(error_on_recompile=True)
 def test_warm_up_compiles_before_the_first_step():
-    """Warm-up traces the lockstep step on a scratch state; a real state then reuses that graph."""
+    """Warm-up traces the lockstep step on a state (reset afterwards); a state made later reuses that graph."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     gen = _generator(TINY_TEST_LM)
     gen.compile_step(backend="eager")
-    assert gen.warm_up(B) > 0
+    with torch.inference_mode():
+        assert gen.warm_up(gen.init_state(B, per_slot_sampling=True)) > 0
     with torch.inference_mode():  # as the engines and the warm-up build and step their states
         state = _state(gen, [HOT, SamplingParams.greedy(), HOT])
         for t in range(3):
