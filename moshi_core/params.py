@@ -5,7 +5,6 @@ checked the same way (and means the same) whichever door it came through; nothin
 imports model code, so the API process can check requests without loading any.
 """
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -33,13 +32,6 @@ def gpu_step_for(no_torch_compile: bool, no_cuda_graph: bool) -> GpuStep:
 def compile_mode(gpu_step: GpuStep) -> str:
     """`torch.compile`'s mode for a compiled GPU step: CUDA graphs are its "reduce-overhead"."""
     return "reduce-overhead" if gpu_step == "cuda-graphs" else "default"
-
-
-def gpu_step_from_env(environ: Mapping[str, str] = os.environ) -> GpuStep:
-    """`gpu_step_for` the switches in the environment (the core's default: `load_moshi`)."""
-    def on(name: str) -> bool:
-        return environ.get(name, "").strip() not in ("", "0")
-    return gpu_step_for(on(NO_TORCH_COMPILE), on(NO_CUDA_GRAPH))
 
 
 @dataclass(frozen=True)

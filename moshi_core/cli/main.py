@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ from moshi_core.loading.catalog import (
     TTS_MODELS,
 )
 from moshi_core.loading.hub import DEFAULT_MIMI_SOURCE
-from moshi_core.params import DTYPE_NAMES, QUANTIZE_MODES, SamplingParams
+from moshi_core.params import (
+    DTYPE_NAMES, NO_CUDA_GRAPH, NO_TORCH_COMPILE, QUANTIZE_MODES, GpuStep, SamplingParams, gpu_step_for,
+)
 
 MODEL_SOURCE_HELP = (
     "a Hugging Face repo id (OWNER/REPO, optionally OWNER/REPO@REVISION), an "
@@ -86,6 +89,13 @@ def add_lm_options(parser: argparse.ArgumentParser, default_model: str, what: st
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
                         help=QUANTIZE_HELP + " (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+
+
+def _gpu_step() -> GpuStep:
+    """How CUDA steps run, from Kyutai's switches as its own tools read them (set and not "0": on)."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip() not in ("", "0")
+    return gpu_step_for(on(NO_TORCH_COMPILE), on(NO_CUDA_GRAPH))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +240,7 @@ def _dialogue(args: argparse.Namespace) -> None:
                                   top_k_audio=args.top_k_audio, greedy=args.greedy)
     wavs = load_batch(args.audio, args.max_seconds)  # bad input fails before the model loads
     models = load_moshi(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
-                        revision=args.revision, quantize=args.quantize)
+                        revision=args.revision, quantize=args.quantize, gpu_step=_gpu_step())
     sampling = overrides.resolve(models.generation_defaults)
     progress = None if args.quiet else ProgressPrinter("dialogue", 1 / models.mimi.frame_rate)
     batched = len(wavs) > 1
@@ -259,7 +269,7 @@ def _transcribe(args: argparse.Namespace) -> None:
 
     wavs = load_batch(args.audio, args.max_seconds)
     models = load_stt(args.model, device=resolve_device(args.device), dtype=parse_dtype(args.dtype),
-                      revision=args.revision, quantize=args.quantize)
+                      revision=args.revision, quantize=args.quantize, gpu_step=_gpu_step())
     transcriber = Transcriber(models)
     batched = len(wavs) > 1
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moshi_core.engines.slots import SlotTable, lockstep_default, warm_up
+from moshi_core.engines.slots import SlotTable, warm_up
 from moshi_core.inference.generate import LMGenerator
+from moshi_core.inference.step_batch import lockstep_default
 from moshi_core.loading.registry import MoshiModels
 from moshi_core.params import SamplingParams
 

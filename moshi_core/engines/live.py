@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moshi_core.engines.slots import SlotTable, lockstep_default, warm_up
+from moshi_core.engines.slots import SlotTable, warm_up
 from moshi_core.errors import InvalidParameterError, LiveBusyError
 from moshi_core.formats.text import WORD_START
 from moshi_core.inference.generate import LMGenerator
+from moshi_core.inference.step_batch import lockstep_default
 from moshi_core.loading.registry import MoshiModels
 from moshi_core.params import SamplingParams
 

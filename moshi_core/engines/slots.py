@@ -6,19 +6,18 @@ come and go between steps: a newcomer's slot is reset and its sampler configured
 newcomer's parameters and seed (`join`), so nothing of the previous occupant remains, and a
 step leaves the state of the slots it does not step untouched.
 
-Two ways to step some slots, with the same numbers (`StepBatch`): only their rows (fewer rows
-to compute: faster on a CPU), or every slot in lockstep under an active mask (one static
-shape: what one compiled graph or CUDA graph replays, on CUDA).
+Two ways to step some slots, with the same numbers (`moshi_core.inference.step_batch`): only
+their rows (faster on a CPU), or every slot in lockstep under an active mask (on CUDA).
 """
 
 import logging
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from moshi_core.errors import InvalidParameterError
 from moshi_core.inference.generate import GenerationState, LMGenerator
+from moshi_core.inference.step_batch import StepBatch
 from moshi_core.loading.progress import WARMING_UP, report_stage
 from moshi_core.models.mimi import MimiModel, MimiState
 from moshi_core.params import SamplingParams
@@ -33,11 +32,6 @@ class Occupant(Protocol):
 
 T = TypeVar("T", bound=Occupant)
 log = logging.getLogger(__name__)
-
-
-def lockstep_default(device: torch.device) -> bool:
-    """Engines step in lockstep on CUDA (graphs replay one shape), by rows elsewhere."""
-    return device.type == "cuda"
 
 
 def warm_up(what: str, lockstep: bool, generator: LMGenerator, lm_state: GenerationState,
@@ -58,68 +52,6 @@ def warm_up(what: str, lockstep: bool, generator: LMGenerator, lm_state: Generat
         seconds += mimi.warm_up(mimi_state, encoded, decoded)
     log.info("%s: compiled steps warmed up for %d slots in %.1f s", what, lm_state.batch_size, seconds)
     return seconds
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """How one step covers `slots` of an engine of `size` slots: their rows only, or
-    (`lockstep`) every slot, with only `slots` active."""
-
-    slots: list[int]  # distinct, in any order: the order of the inputs' and outputs' rows
-    size: int
-    lockstep: bool
-
-    @property
-    def every_slot(self) -> bool:
-        """Every slot steps, in slot order: the whole batch, no gather, no scatter."""
-        return self.slots == list(range(self.size))
-
-    def rows(self, device: torch.device | str) -> torch.Tensor | None:
-        """The step's `rows`: None in lockstep, or when every slot steps."""
-        if self.lockstep or self.every_slot:
-            return None
-        return torch.tensor(self.slots, device=device)
-
-    def active(self, device: torch.device | str) -> torch.Tensor | None:
-        """The step's `active` mask [size] in lockstep, else None."""
-        if not self.lockstep:
-            return None
-        mask = torch.zeros(self.size, dtype=torch.bool)
-        mask[self.slots] = True
-        return mask.to(device)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x [A, ...] for the stepped slots -> the step's input: in lockstep [size, ...], the
-        slots not stepped given zeros (valid audio and codes, their results ignored)."""
-        if not self.lockstep or self.every_slot:
-            return x
-        full = x.new_zeros(self.size, *x.shape[1:])
-        full[torch.tensor(self.slots, device=x.device)] = x
-        return full
-
-    def take(self, full: torch.Tensor) -> torch.Tensor:
-        """full [size, ...] -> the step's rows of it: the stepped slots' by rows, all in lockstep."""
-        rows = self.rows(full.device)
-        return full if rows is None else full[rows]
-
-    def put(self, full: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """full [size, ...] with the stepped slots' rows from the step's result y (a new tensor,
-        never y itself in lockstep: see `outputs`)."""
-        if self.lockstep:
-            return torch.where(self.active(full.device).view(-1, *[1] * (full.dim() - 1)), y, full)
-        if self.every_slot:
-            return y
-        full = full.clone()
-        full[self.rows(full.device)] = y
-        return full
-
-    def outputs(self, y: torch.Tensor) -> torch.Tensor:
-        """The step's output -> [A, ...], the stepped slots' rows. In lockstep always a copy:
-        a CUDA graph's outputs live in its memory pool, overwritten by its next replay, and
-        callers keep them (a dialogue's frames)."""
-        if not self.lockstep:
-            return y
-        return y[torch.tensor(self.slots, device=y.device)]
 
 
 class SlotTable(Generic[T]):

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moshi_core.engines.slots import StepBatch, lockstep_default
 from moshi_core.errors import InvalidParameterError, ModelSourceError
 from moshi_core.formats.text import TEXT_EPAD, TEXT_PAD, TextTokenizer, Word
 from moshi_core.inference.generate import GenerationState, LMGenerator
+from moshi_core.inference.step_batch import StepBatch, lockstep_default
 from moshi_core.loading.catalog import DEFAULT_STT_SOURCE
 from moshi_core.loading.registry import MoshiModels, load_moshi
 from moshi_core.models.mimi import MimiState

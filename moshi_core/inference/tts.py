@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from moshi_core.engines.slots import StepBatch
 from moshi_core.errors import CheckpointError, InvalidParameterError, ModelSourceError
 from moshi_core.formats.text import TEXT_PAD, TextTokenizer, Word
 from moshi_core.inference.generate import depth_step
 from moshi_core.inference.sampling import SlotSampling
+from moshi_core.inference.step_batch import StepBatch
 from moshi_core.inference.tts_script import Fed, FeedRules, Say, TextFeed, build_script
 from moshi_core.loading.catalog import DEFAULT_TTS_SOURCE, DEFAULT_VOICE, DEFAULT_VOICE_REPO
 from moshi_core.loading.files import read_config

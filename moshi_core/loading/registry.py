@@ -22,7 +22,7 @@ from moshi_core.loading.files import file_in, read_config
 from moshi_core.loading.hub import parse_source
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel
 from moshi_core.models.mimi import MimiModel
-from moshi_core.params import GpuStep, compile_mode, gpu_step_from_env
+from moshi_core.params import GpuStep, compile_mode
 
 LM_FILENAMES = ("model.q8.gguf", "model.safetensors", "model.q8.safetensors")
 TOKENIZER_FILENAME = "tokenizer_spm_32k_3.model"
@@ -52,12 +52,11 @@ def load_moshi(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     revision: str | None = None,
-    gpu_step: GpuStep | None = None,
+    gpu_step: GpuStep = "cuda-graphs",
     quantize: str | None = None,
 ) -> MoshiModels:
-    """`gpu_step` (no effect on a CPU): None takes Kyutai's switches from the environment,
-    CUDA graphs unless NO_CUDA_GRAPH=1 (compiled only) or NO_TORCH_COMPILE=1 (eager)."""
-    gpu_step = gpu_step or gpu_step_from_env()
+    """`gpu_step`: how the engines step the models on CUDA (no effect on a CPU). The front
+    doors choose it from Kyutai's switches (NO_CUDA_GRAPH, NO_TORCH_COMPILE)."""
     wants_q8(quantize)  # a bad value fails before any download
     parsed = parse_source(source, revision)
     if parsed.local is not None and parsed.local.is_file():

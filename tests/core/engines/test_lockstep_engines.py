@@ -15,7 +15,7 @@ from tts_oracle import tiny_tts  # noqa: F401 (fixture)
 
 from moshi_core.engines.dialogue import Dialogue, DialogueBatch
 from moshi_core.engines.live import LiveEngine
-from moshi_core.engines.slots import StepBatch
+from moshi_core.inference.step_batch import StepBatch
 from moshi_core.inference.generate import LMGenerator
 from moshi_core.inference.stt import Transcriber, load_stt
 from moshi_core.kernels import build as cpu_kernels
