@@ -35,8 +35,8 @@ LDFLAGS = ["-fopenmp"]
 NAME = "moshi_core_kernels"
 # common.h first: the sources are one translation unit.
 SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp")
-FUNCTIONS = ["skinny_linear", "q8_linear", "q8_int8_instructions", "attention_step", "rms_norm", "silu_mul",
-             "elu_window"]
+FUNCTIONS = ["skinny_linear", "q8_linear", "q8_int8_instructions", "q8_use_int8_instructions",
+             "attention_step", "rms_norm", "silu_mul", "elu_window"]
 
 
 # A plain module flag: the lookup runs for every matrix product of a step.

@@ -16,17 +16,20 @@
 //   float32) and the arithmetic is float32, as for the float weights.
 // - int8 (GGUF runtimes' arithmetic, llama.cpp's ggml_vec_dot_q8_0_q8_0): each activation row
 //   is quantized to Q8_0 as GGUF's reference quantize_row_q8_0 does, except that its scale
-//   stays float32 (nothing stores it). A block's product is then an exact int32 dot product in
-//   eight lanes of four, scaled by d_w * d_x and accumulated lane-wise in float32 by FMA; the
-//   eight lanes are summed at the end (`hsum`). The int8 dot runs on AVX-VNNI or AVX-512 VNNI
-//   where the CPU has them (chosen at run time, 256 bits wide in every case, so the int32
-//   lanes and the float arithmetic are the same on every CPU), else on AVX2.
+//   stays float32 (nothing stores it). A block's product is then an exact int32 dot product,
+//   scaled by d_w * d_x and accumulated in float32 by FMA block after block, as GGUF's
+//   reference does (see "the int8 arithmetic" below: eight weight rows per vector, so the
+//   weight work is shared by the activation rows). The int8 dot runs on AVX-VNNI or AVX-512
+//   VNNI where the CPU has them (chosen at run time), else on AVX2: the integers are exact
+//   and the float arithmetic is the same, so every CPU gives the same bits.
 //
 // Memory: the rows of a tile are short streams (a 1024-wide int8 row is 16 cache lines), too
 // short for the hardware prefetcher to ramp up, so while a tile is computed the next tile's
 // bytes are prefetched, spread over its block steps (1.5x on the depth transformer's matrices).
 
 // Built after common.h, as one unit with the other kernels (see there).
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -40,35 +43,6 @@ struct FloatRows {
   int64_t K;
   FloatRows from(int64_t n) const { return {x + n * K, K}; }
   const float* block(int64_t n, int64_t b) const { return x + n * K + b * BLOCK; }
-};
-
-// The int8 x int8 dot product of a block in eight int32 lanes, lane j summing bytes 4j..4j+3:
-// `u` holds |w| (unsigned), `s` the activations with w's signs, so no product overflows.
-struct Avx2Dot {
-  static inline __m256i dot(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-  }
-};
-
-struct AvxVnniDot {
-  __attribute__((target("avxvnni"))) static inline __m256i dot(__m256i u, __m256i s) {
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-  }
-};
-
-struct Avx512VnniDot {
-  __attribute__((target("avx512vnni,avx512vl"))) static inline __m256i dot(__m256i u, __m256i s) {
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-  }
-};
-
-// Activations quantized to Q8_0 rows: int8 [M, K] and one float32 scale per block of 32.
-template <typename Dot>
-struct Q8Rows {
-  const int8_t* q;
-  const float* d;
-  int64_t K;
-  Q8Rows from(int64_t n) const { return {q + n * K, d + n * (K / BLOCK), K}; }
 };
 
 // A weight format yields one block of 32 weights of a row as four vectors of eight floats; a
@@ -140,18 +114,6 @@ inline void accumulate(const Q8Weights& w, int64_t row, int64_t b, const FloatRo
   }
 }
 
-template <int N, typename Dot>
-inline void accumulate(const Q8Weights& w, int64_t row, int64_t b, const Q8Rows<Dot>& x, __m256 acc[N]) {
-  const __m256i wq = _mm256_loadu_si256((const __m256i*)(w.q + row * w.K + b * BLOCK));
-  const __m256i magnitudes = _mm256_sign_epi8(wq, wq);
-  const float dw = w.scale(row, b);
-  for (int n = 0; n < N; ++n) {
-    const __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q + n * x.K + b * BLOCK));
-    const __m256 dot = _mm256_cvtepi32_ps(Dot::dot(magnitudes, _mm256_sign_epi8(xq, wq)));  // exact: |dot| < 2^17
-    acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[n * (x.K / BLOCK) + b]), dot, acc[n]);
-  }
-}
-
 template <typename T>
 inline void store(T* y, float v) { *y = static_cast<T>(v); }  // bfloat16/float16: round to nearest even
 
@@ -212,36 +174,15 @@ inline void tile_range(const W& w, const X& x, int64_t M, int64_t K, int64_t O, 
     for (int64_t r = O / R * R; r < O; ++r) rows<1>(w, r, -1, x, M, K, bias, y, O);
 }
 
-// The instruction set a range is compiled for: the build's own (AVX2), or with VNNI for the
-// int8 dot products. `flatten` inlines the whole range, so `Dot::dot` lands in a function
-// compiled for its target.
-template <typename X>
-struct RangeIsa {
-  template <int R, typename... A>
-  static void run(const A&... a) { tile_range<R>(a...); }
-};
-
-template <>
-struct RangeIsa<Q8Rows<AvxVnniDot>> {
-  template <int R, typename... A>
-  __attribute__((target("avxvnni"), flatten)) static void run(const A&... a) { tile_range<R>(a...); }
-};
-
-template <>
-struct RangeIsa<Q8Rows<Avx512VnniDot>> {
-  template <int R, typename... A>
-  __attribute__((target("avx512vnni,avx512vl"), flatten)) static void run(const A&... a) { tile_range<R>(a...); }
-};
-
 template <int R, typename W, typename X, typename Y>
 void matmul_tiles(const W& w, const X& x, int64_t M, int64_t K, int64_t O, const float* bias, Y* y) {
   const int64_t tiles = O / R;
   // At least ~64 KB of weights per task: small matrices are not split thinner than a thread
   // start costs.
   const int64_t grain = std::max<int64_t>(1, 65536 / (R * K * W::bytes_per_weight));
-  if (tiles == 0) return RangeIsa<X>::template run<R>(w, x, M, K, O, bias, y, int64_t{0}, int64_t{0});
+  if (tiles == 0) return tile_range<R>(w, x, M, K, O, bias, y, int64_t{0}, int64_t{0});
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    RangeIsa<X>::template run<R>(w, x, M, K, O, bias, y, begin, end);
+    tile_range<R>(w, x, M, K, O, bias, y, begin, end);
   });
 }
 
@@ -294,27 +235,238 @@ void quantize_q8(const float* x, int64_t blocks, int8_t* q, float* d) {
   }
 }
 
+// ---- Q8_0 weights times Q8_0 activations: the int8 arithmetic ----
+//
+// Eight weight rows at a time, one per 32-bit lane. A block's eight 32-byte rows are loaded
+// and transposed (lane r of vector g holds bytes 4g..4g+3 of row r); each activation row's
+// bytes 4g..4g+3 are broadcast against vector g, so eight dot-product steps leave the eight
+// rows' exact int32 block dots in the eight lanes. No horizontal sum is needed, and the
+// weight work (loads, transpose, scales) is shared by every activation row of the tile.
+// Each output is GGUF's own sum, acc = fma(d_w * d_x, dot, acc) block after block
+// (ggml_vec_dot_q8_0_q8_0 with the multiply-add fused): the same bits on every CPU, for any
+// batch and thread count.
+
+// out[g] lane r = v[r] lane g: an 8 x 8 transpose of 32-bit elements, in place.
+inline void transpose8(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);      // elements 0 1 | 4 5 of rows i, i+1
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);  // 2 3 | 6 7
+  }
+  for (int i = 0; i < 8; i += 4) {  // rows i..i+3: element e (low half) and e + 4 (high half)
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    v[g] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x20);
+    v[g + 4] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x31);
+  }
+}
+
+// dot(acc, x, w) adds to each int32 lane the four products of x's bytes and w's, w as
+// `weights` made it. AVX2's byte product takes one unsigned operand and saturates at 16 bits:
+// it multiplies |w| (-128 read as 128) by x with w's signs, pairs of which fit (|x| <= 127).
+// VNNI's does not saturate: it takes w + 128 (`offset`), and each activation block's
+// 128 * sum(x), computed with its quantization, starts the sum negated.
+struct Avx2Dot {
+  static constexpr bool offset = false;
+  static inline __m256i weights(__m256i w) { return w; }
+  static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+};
+
+struct VnniWeights {
+  static constexpr bool offset = true;
+  static inline __m256i weights(__m256i w) { return _mm256_xor_si256(w, _mm256_set1_epi8(-128)); }
+};
+
+struct AvxVnniDot : VnniWeights {
+  __attribute__((target("avxvnni"))) static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+  }
+};
+
+struct Avx512VnniDot : VnniWeights {
+  __attribute__((target("avx512vnni,avx512vl"))) static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
+    return _mm256_dpbusd_epi32(acc, w, x);
+  }
+};
+
+// Activations quantized to Q8_0: int8 [M, K], one float32 scale per block of 32, and for an
+// `offset` dot each block's -128 * sum(x).
+struct Int8Rows {
+  const int8_t* q;
+  const float* d;
+  const int32_t* offsets;
+  int64_t K;
+};
+
+// The eight rows of a tile: their weights and scales, or zeros past the matrix's last row.
+struct TileRows {
+  const int8_t* q[8];
+  const uint16_t* scales[8];
+};
+
+TileRows tile_rows(const Q8Weights& w, int64_t r0, int64_t O, const int8_t* zero_q, const uint16_t* zero_scales) {
+  TileRows t;
+  for (int r = 0; r < 8; ++r) {
+    t.q[r] = r0 + r < O ? w.q + (r0 + r) * w.K : zero_q;
+    t.scales[r] = r0 + r < O ? w.scales + (r0 + r) * (w.K / BLOCK) : zero_scales;
+  }
+  return t;
+}
+
+// The float32 scales of blocks b..b+count-1 of the tile's rows: out[i][r] for block b + i.
+inline void tile_scales(const TileRows& t, int64_t b, int64_t count, float out[8][8]) {
+  if (count < 8) {
+    for (int64_t i = 0; i < count; ++i)
+      for (int r = 0; r < 8; ++r) out[i][r] = _cvtsh_ss(t.scales[r][b + i]);
+    return;
+  }
+  __m256i v[8];
+  for (int r = 0; r < 8; ++r)
+    v[r] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(t.scales[r] + b))));
+  transpose8(v);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out[i], _mm256_castsi256_ps(v[i]));
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// One tile of eight weight rows from r0 against activation rows [n0, n0 + N); `next` (or
+// nullptr) is the following tile, prefetched a line per row every other block.
+template <int N, typename Dot, typename Y>
+inline void int8_tile(const TileRows& t, const TileRows* next, const Int8Rows& x, int64_t n0, int64_t r0,
+                      int64_t O, Y* y) {
+  const int64_t K = x.K, blocks = K / BLOCK;
+  __m256 acc[N];
+  for (int n = 0; n < N; ++n) acc[n] = _mm256_setzero_ps();
+  float scales[8][8];  // [block % 8][row]
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b % 8 == 0) tile_scales(t, b, std::min<int64_t>(8, blocks - b), scales);
+    if (next && b % 2 == 0)
+      for (int r = 0; r < 8; ++r) _mm_prefetch((const char*)(next->q[r] + b * BLOCK), _MM_HINT_T0);
+    if (next && b % 32 == 0)
+      for (int r = 0; r < 8; ++r) _mm_prefetch((const char*)(next->scales[r] + b), _MM_HINT_T0);
+    __m256i v[8];
+    for (int r = 0; r < 8; ++r) v[r] = Dot::weights(_mm256_loadu_si256((const __m256i*)(t.q[r] + b * BLOCK)));
+    transpose8(v);
+    const __m256 dw = _mm256_loadu_ps(scales[b % 8]);
+    for (int n = 0; n < N; ++n) {
+      const int8_t* xb = x.q + (n0 + n) * K + b * BLOCK;
+      // Integer sums are exact in any order: two chains, short enough to overlap.
+      __m256i even = Dot::offset ? _mm256_set1_epi32(x.offsets[(n0 + n) * blocks + b]) : _mm256_setzero_si256();
+      __m256i odd = _mm256_setzero_si256();
+      for (int g = 0; g < 8; g += 2) {
+        even = Dot::dot(even, broadcast4(xb + 4 * g), v[g]);
+        odd = Dot::dot(odd, broadcast4(xb + 4 * g + 4), v[g + 1]);
+      }
+      const __m256i dot = _mm256_add_epi32(even, odd);
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(n0 + n) * blocks + b]));
+      acc[n] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[n]);  // exact: |dot| < 2^20
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    float out[8];
+    _mm256_storeu_ps(out, acc[n]);
+    for (int r = 0; r < 8 && r0 + r < O; ++r) store(y + (n0 + n) * O + r0 + r, out[r]);
+  }
+}
+
+// Tiles [begin, end) against all M activation rows, four at a time.
+template <typename Dot, typename Y>
+void int8_tiles(const Q8Weights& w, const Int8Rows& x, int64_t M, int64_t O, Y* y, const int8_t* zero_q,
+                const uint16_t* zero_scales, int64_t begin, int64_t end) {
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const TileRows t = tile_rows(w, tile * 8, O, zero_q, zero_scales);
+    const TileRows following = tile_rows(w, (tile + 1) * 8, O, zero_q, zero_scales);
+    const TileRows* next = tile + 1 < end ? &following : nullptr;
+    int64_t n = 0;
+    for (; n + 4 <= M; n += 4) int8_tile<4, Dot>(t, n == 0 ? next : nullptr, x, n, tile * 8, O, y);
+    next = n == 0 ? next : nullptr;
+    switch (M - n) {
+      case 3: int8_tile<3, Dot>(t, next, x, n, tile * 8, O, y); break;
+      case 2: int8_tile<2, Dot>(t, next, x, n, tile * 8, O, y); break;
+      case 1: int8_tile<1, Dot>(t, next, x, n, tile * 8, O, y); break;
+    }
+  }
+}
+
+// `int8_tiles` compiled for the dot's instructions: `flatten` inlines the whole range, so
+// `Dot::dot` lands in a function compiled for its target.
+template <typename Dot>
+struct Int8Isa {
+  template <typename... A>
+  static void run(const A&... a) { int8_tiles<Dot>(a...); }
+};
+
+template <>
+struct Int8Isa<AvxVnniDot> {
+  template <typename... A>
+  __attribute__((target("avxvnni"), flatten)) static void run(const A&... a) { int8_tiles<AvxVnniDot>(a...); }
+};
+
+template <>
+struct Int8Isa<Avx512VnniDot> {
+  template <typename... A>
+  __attribute__((target("avx512vnni,avx512vl"), flatten)) static void run(const A&... a) {
+    int8_tiles<Avx512VnniDot>(a...);
+  }
+};
+
+template <typename Dot, typename Y>
+void matmul_int8(const Q8Weights& w, const float* xf, int64_t M, int64_t K, int64_t O, Y* y) {
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * K / BLOCK);
+  quantize_q8(xf, M * K / BLOCK, q.data(), d.data());
+  std::vector<int32_t> offsets(Dot::offset ? M * K / BLOCK : 0);
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    int32_t sum = 0;
+    for (int64_t j = 0; j < BLOCK; ++j) sum += q[i * BLOCK + j];
+    offsets[i] = -128 * sum;
+  }
+  const Int8Rows x{q.data(), d.data(), offsets.data(), K};
+  std::vector<int8_t> zero_q(O % 8 ? K : 0);  // the rows a last, partial tile lacks
+  std::vector<uint16_t> zero_scales(O % 8 ? K / BLOCK : 0);
+  const int64_t tiles = (O + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * K));  // at least ~64 KB of weights per task
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    Int8Isa<Dot>::run(w, x, M, O, y, zero_q.data(), zero_scales.data(), begin, end);
+  });
+}
+
 enum class Isa { avx2, avx_vnni, avx512_vnni };
 
-Isa int8_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avxvnni")) return Isa::avx_vnni;
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Isa::avx512_vnni;
-    return Isa::avx2;
-  }();
+bool has(Isa isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::avx_vnni: return __builtin_cpu_supports("avxvnni");
+    case Isa::avx512_vnni: return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    default: return true;
+  }
+}
+
+Isa& int8_isa() {
+  static Isa isa = has(Isa::avx_vnni) ? Isa::avx_vnni : has(Isa::avx512_vnni) ? Isa::avx512_vnni : Isa::avx2;
   return isa;
 }
 
+constexpr std::pair<Isa, const char*> ISA_NAMES[] = {
+    {Isa::avx2, "avx2"}, {Isa::avx_vnni, "avx-vnni"}, {Isa::avx512_vnni, "avx512-vnni"}};
+
 template <typename W, typename Y>
 void matmul_q8_rows(const W& w, const float* x, int64_t M, int64_t K, int64_t O, Y* y) {
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * K / BLOCK);
-  quantize_q8(x, M * K / BLOCK, q.data(), d.data());
   switch (int8_isa()) {
-    case Isa::avx_vnni: return matmul(w, Q8Rows<AvxVnniDot>{q.data(), d.data(), K}, M, K, O, nullptr, y);
-    case Isa::avx512_vnni: return matmul(w, Q8Rows<Avx512VnniDot>{q.data(), d.data(), K}, M, K, O, nullptr, y);
-    case Isa::avx2: return matmul(w, Q8Rows<Avx2Dot>{q.data(), d.data(), K}, M, K, O, nullptr, y);
+    case Isa::avx_vnni: return matmul_int8<AvxVnniDot>(w, x, M, K, O, y);
+    case Isa::avx512_vnni: return matmul_int8<Avx512VnniDot>(w, x, M, K, O, y);
+    case Isa::avx2: return matmul_int8<Avx2Dot>(w, x, M, K, O, y);
   }
 }
 
@@ -391,9 +543,15 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
 
 // Which instructions the int8 dot products of `q8_linear` run on here.
 std::string q8_int8_instructions() {
-  switch (int8_isa()) {
-    case Isa::avx_vnni: return "avx-vnni";
-    case Isa::avx512_vnni: return "avx512-vnni";
-    default: return "avx2";
-  }
+  for (const auto& [isa, name] : ISA_NAMES)
+    if (isa == int8_isa()) return name;
+  return "";
+}
+
+// Run the int8 dot products on `name` ("avx2", "avx-vnni", "avx512-vnni") from now on, if this
+// CPU has it (tests cover every path a CPU can run this way); returns what runs.
+std::string q8_use_int8_instructions(const std::string& name) {
+  for (const auto& [isa, known] : ISA_NAMES)
+    if (name == known && has(isa)) int8_isa() = isa;
+  return q8_int8_instructions();
 }

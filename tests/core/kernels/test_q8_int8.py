@@ -45,18 +45,17 @@ def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def q8_int8_model(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
-    """The kernel's int8 arithmetic: per block, int32 dots in eight lanes of four columns, each
-    lane accumulated in float32 by fma(d_w * d_x, dot, acc), then the lanes summed as `hsum`."""
+    """The kernel's int8 arithmetic, GGUF's: each block's exact integer dot, accumulated block
+    after block in float32 by fma(d_w * d_x, dot, acc)."""
     q, dx = _quantize_q8(x.double().numpy())
     w = qs.double().numpy()
     (m, k), o = x.shape, w.shape[0]
-    lanes = (w.reshape(1, o, k // 32, 8, 4) * q.reshape(m, 1, k // 32, 8, 4)).sum(-1)
+    dots = (w.reshape(1, o, k // 32, 32) * q.reshape(m, 1, k // 32, 32)).sum(-1)  # exact in float64
     scale = _f32(scales.double().numpy()[None] * dx[:, None])  # [m, o, blocks]
-    acc = np.zeros((m, o, 8))
+    acc = np.zeros((m, o))
     for b in range(k // 32):
-        acc = _fma32(scale[..., b, None], lanes[:, :, b], acc)
-    quads = _f32(acc[..., :4] + acc[..., 4:])
-    return _f32(_f32(quads[..., 0] + quads[..., 2]) + _f32(quads[..., 1] + quads[..., 3]))
+        acc = _fma32(scale[..., b], dots[..., b], acc)
+    return acc
 
 
 def _random_q8(rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +71,28 @@ def _activations(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _cpu_instructions() -> list[str]:
+    flags = set(open("/proc/cpuinfo").read().split())
+    return ["avx2"] + ["avx-vnni"] * ("avx_vnni" in flags) + ["avx512-vnni"] * ({"avx512_vnni", "avx512vl"} <= flags)
+
+
+@pytest.fixture(params=_cpu_instructions())
+def instructions(kernel, request):
+    """Each int8 dot-product path this CPU can run, in turn."""
+    best = kernel.q8_int8_instructions()
+    assert kernel.q8_use_int8_instructions(request.param) == request.param
+    yield request.param
+    kernel.q8_use_int8_instructions(best)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16])
-def test_int8_product_is_the_float64_model_bit_for_bit(kernel, rows, threads):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_int8_product_is_the_float64_model_bit_for_bit(kernel, instructions, rows, threads):
     g = torch.Generator().manual_seed(rows * 10 + threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        for out, inner in ((7, 32), (13, 64), (67, 4096), (1031, 256)):
+    try:  # widths: a partial tile of 8 rows, several blocks short of 8, a long row, many tiles
+        for out, inner in ((7, 32), (13, 64), (20, 96), (67, 4096), (1031, 256), (64, 544)):
             qs, scales = _random_q8(out, inner, g)
             x = _activations(rows, inner, g)
             got = kernel.q8_linear(x, qs, scales, True)
@@ -87,6 +100,10 @@ def test_int8_product_is_the_float64_model_bit_for_bit(kernel, rows, threads):
             np.testing.assert_array_equal(got.double().numpy(), q8_int8_model(x, qs, scales))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_an_instruction_set_this_cpu_lacks_is_refused(kernel):
+    assert kernel.q8_use_int8_instructions("avx1024") == kernel.q8_int8_instructions()
 
 
 def test_quantized_activations_round_halves_away_from_zero(kernel):
