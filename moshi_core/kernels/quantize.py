@@ -9,10 +9,13 @@ per block of 32 values along the input dimension, all in float32:
 computed from the float32 `d` and not from the stored scale, and the scale is stored as
 float16(d), rounded to nearest even. Bfloat16 and float16 inputs go to float32 first,
 exactly, as Candle's tensor-tools does. Which tensors Candle quantizes: `is_q8_matrix`.
+On a CPU with our kernels the conversion runs there (`csrc/linear.cpp`, at memory speed),
+elsewhere in PyTorch, a slab of rows at a time: the same bits.
 """
 
 import torch
 
+from moshi_core.kernels.build import kernel_for
 from moshi_core.kernels.q8 import Q8_BLOCK, Q8Tensor
 
 _SLAB_VALUES = 1 << 18  # converted at a time: a few float32 temporaries of 1 MB, reused
@@ -40,10 +43,13 @@ def _quantize_slab(rows: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -
 
 
 def quantize_q8_0(weight: torch.Tensor) -> Q8Tensor:
-    """A float matrix [out, in] (in a multiple of 32) as Q8_0, on the matrix's device, a slab
-    of rows at a time, so no float32 copy of a large matrix is ever made."""
+    """A float matrix [out, in] (in a multiple of 32) as Q8_0, on the matrix's device; no
+    float32 copy of a large matrix is ever made."""
     if not is_q8_matrix(weight):
         raise ValueError(f"Q8_0 needs a float matrix whose rows are multiples of {Q8_BLOCK}, not {list(weight.shape)}")
+    kernel = kernel_for(weight)
+    if kernel is not None:
+        return Q8Tensor(*kernel.quantize_q8_0(weight))
     rows, cols = weight.shape
     qs = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scales = torch.empty(rows, cols // Q8_BLOCK, dtype=torch.float16, device=weight.device)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
 
 from moshi_core.errors import InvalidParameterError
+from moshi_core.kernels import build as cpu_kernels
 from moshi_core.kernels.q8 import Q8Weight, QuantizedWeight
 from moshi_core.kernels.quantize import is_q8_matrix, quantize_q8_0
 from moshi_core.loading import checkpoints
@@ -57,7 +58,16 @@ def _edge_blocks() -> torch.Tensor:
     return torch.stack(blocks).reshape(3, 64)
 
 
-def test_q8_0_equals_ggml_rule_edge_cases_and_random():
+@pytest.fixture(params=["kernel", "portable"])
+def conversion(request, monkeypatch):
+    """Each way the conversion runs: our CPU kernel (where it builds) and PyTorch's ops."""
+    if request.param == "kernel" and cpu_kernels.kernels() is None:
+        pytest.skip("no CPU kernels here")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", request.param == "kernel")
+    return request.param
+
+
+def test_q8_0_equals_ggml_rule_edge_cases_and_random(conversion):
     g = torch.Generator().manual_seed(1)
     weights = [_edge_blocks(), (torch.randn(300, 96, generator=g) * 0.03).bfloat16()]
     for weight in weights:
@@ -76,15 +86,27 @@ def test_q8_0_equals_ggml_rule_edge_cases_and_random():
     assert quantize_q8_0(_edge_blocks()).qs[1, :32].min() == -127
 
 
-def test_q8_0_equals_what_the_gguf_package_writes():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_q8_0_equals_what_the_gguf_package_writes(conversion, dtype):
     """llama.cpp's own Python writer (`gguf.quants`, bit-exact with ggml by its own tests)."""
     g = torch.Generator().manual_seed(2)
-    weight = (torch.randn(1000, 128, generator=g) * 0.02).bfloat16()
+    weight = (torch.randn(1000, 128, generator=g) * 0.02).to(dtype)
     raw = gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
     blocks = raw.reshape(1000, 4, 34)
     q8 = quantize_q8_0(weight)
     assert torch.equal(q8.scales, torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0]))
     assert torch.equal(q8.qs, torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(1000, 128))
+
+
+def test_the_kernel_converts_as_the_portable_path_does(monkeypatch):
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no CPU kernels here")
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(2053, 320, generator=g).bfloat16()[:, 32:]  # not contiguous, many rows per task
+    kernel = quantize_q8_0(weight)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    portable = quantize_q8_0(weight)
+    assert torch.equal(kernel.qs, portable.qs) and torch.equal(kernel.scales, portable.scales)
 
 
 def test_which_tensors_candle_would_quantize():
