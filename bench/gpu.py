@@ -34,7 +34,6 @@ import importlib.metadata
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support"), str(ROOT / "bench")]
 
-from gpu_bound import DeviceBandwidth, device_read_bandwidth, tensor_bytes, tensors  # noqa: E402
+from gpu_bound import DeviceBandwidth, device_read_bandwidth, tensor_bytes  # noqa: E402
 from reads import mimi_bytes, step_bytes  # noqa: E402
 
 from moshi_core.inference.generate import LMGenerator  # noqa: E402
@@ -51,7 +50,7 @@ from moshi_core.kernels.q8 import Q8Weight, attach_int8_weights, set_gpu_q8  # n
 from moshi_core.kernels.quantize import is_q8_matrix, quantize_q8_0  # noqa: E402
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel  # noqa: E402
 from moshi_core.models.mimi import MimiModel  # noqa: E402
-from moshi_core.params import GPU_STEPS, SamplingParams  # noqa: E402
+from moshi_core.params import GPU_STEPS, SamplingParams, compile_mode  # noqa: E402
 
 FRAME_SECONDS = 0.08
 BATCHES = (1, 2, 4, 8, 16, 32, 48, 64, 96)
@@ -148,31 +147,11 @@ def random_mimi(smoke: bool, device: torch.device, seed: int) -> MimiModel:
     return mimi
 
 
-@dataclass(frozen=True)
-class MimiSteps:
-    """Mimi's streaming encode and decode as they run beside an LM stepped in `mode`: on CUDA,
-    compiled whole like the LM's step ("cuda-graphs": replayed as CUDA graphs)."""
-
-    encode: Callable
-    decode: Callable
-    static_state: bool  # CUDA graphs: the state, updated in place, must keep its addresses
-
-    @classmethod
-    def of(cls, mimi: MimiModel, mode: str, device: torch.device) -> "MimiSteps":
-        if not compiles(device, mode):
-            return cls(mimi.encode_step, mimi.decode_step, False)
-        graphs = mode == "cuda-graphs"
-        options = {"fullgraph": True, "mode": "reduce-overhead" if graphs else "default"}
-        return cls(torch.compile(mimi.encode_step, **options), torch.compile(mimi.decode_step, **options), graphs)
-
-    def init_state(self, mimi: MimiModel, batch: int):
-        """A state of `batch` streams. For CUDA graphs its tensors are marked static: torch's
-        graphs leave out any graph that mutates an input not held static."""
-        state = mimi.init_state(batch)
-        if self.static_state:
-            for t in tensors(state):
-                torch._dynamo.mark_static_address(t)
-        return state
+def compile_mimi(mimi: MimiModel, mode: str, device: torch.device) -> None:
+    """Mimi's streaming steps as the engines run them beside an LM stepped in `mode`: on CUDA
+    compiled whole (`MimiModel.compile_steps`; "cuda-graphs": replayed as CUDA graphs)."""
+    if compiles(device, mode):
+        mimi.compile_steps(mode=compile_mode(mode))
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -295,7 +274,7 @@ def time_lm(session: Session, gen: LMGenerator) -> dict:
             "state_bytes": tensor_bytes(state), "compile": since(counts)}
 
 
-def time_frames(session: Session, gen: LMGenerator, mimi: MimiModel, steps: MimiSteps, batch: int) -> dict:
+def time_frames(session: Session, gen: LMGenerator, mimi: MimiModel, batch: int) -> dict:
     """`batch` conversations stepped as the live engine steps them: encode, LM, decode. Memory:
     the device's peak while they run (after the LM's warm-up), over what was held before."""
     plan, device = session.plan, session.plan.device
@@ -308,16 +287,16 @@ def time_frames(session: Session, gen: LMGenerator, mimi: MimiModel, steps: Mimi
     lm_state, warm = conversations(gen, batch, plan.seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    mimi_state = steps.init_state(mimi, batch)
+    mimi_state = mimi.init_state(batch)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     wav = torch.randn(batch, 1, mimi.frame_size, generator=torch.Generator().manual_seed(plan.seed)).to(device) * 0.1
 
     def frame(mark) -> None:
-        codes = steps.encode(wav, mimi_state, USER_STREAMS, active=active)
+        codes = mimi.encode_step(wav, mimi_state, USER_STREAMS, active=active)
         mark()
         out = gen.step(codes, lm_state, active=active)
         mark()
-        steps.decode(out[:, 1:, None].clamp(min=0), mimi_state, active=active)  # first steps' -2: a placeholder
+        mimi.decode_step(out[:, 1:, None].clamp(min=0), mimi_state, active=active)  # first steps' -2: a placeholder
         mark()
 
     skipped, parts = session.timed(frame, plan.frames)
@@ -335,7 +314,7 @@ FRAME_PARTS = {  # a frame's parts' seconds (encode, LM, decode) -> each figure
 }
 
 
-def sweep(session: Session, gen: LMGenerator, mimi: MimiModel, steps: MimiSteps, record) -> None:
+def sweep(session: Session, gen: LMGenerator, mimi: MimiModel, record) -> None:
     """`time_frames` for each batch size, with bounds; stops at the first that does not fit in
     memory, or when the run's time is up."""
     weights = step_bytes(gen.lm)
@@ -347,7 +326,7 @@ def sweep(session: Session, gen: LMGenerator, mimi: MimiModel, steps: MimiSteps,
             record(rows)
             continue
         try:
-            row = time_frames(session, gen, mimi, steps, batch)
+            row = time_frames(session, gen, mimi, batch)
         except RuntimeError as exc:  # torch.OutOfMemoryError, or one a compiler wrapped
             if "out of memory" not in str(exc).lower():
                 raise
@@ -423,13 +402,13 @@ def run(plan: Plan, json_path: Path) -> dict:
     session = Session(plan, json_path)
     mimi = random_mimi(plan.smoke, plan.device, plan.seed)
     lm = random_lm(plan.smoke, plan.device, plan.seed)
-    mimi_steps = MimiSteps.of(mimi, plan.sweep_mode, plan.device)  # compiled once, for every dtype
+    compile_mimi(mimi, plan.sweep_mode, plan.device)  # once, for every dtype
     with torch.inference_mode():
         for dtype in plan.dtypes:
             if dtype == "bf16":
                 torch._dynamo.reset()  # compiled q8 steps hold on to the int8 weights
                 lm = dequantize_in_place(lm)
-            measure_dtype(session, lm, mimi, mimi_steps, dtype)
+            measure_dtype(session, lm, mimi, dtype)
             gc.collect()
     session.results["goals"] = goals(session.results)
     session.record()
@@ -456,7 +435,7 @@ def goals(results: dict) -> list[dict]:
     ]
 
 
-def measure_dtype(session: Session, lm: LMModel, mimi: MimiModel, mimi_steps: MimiSteps, dtype: str) -> None:
+def measure_dtype(session: Session, lm: LMModel, mimi: MimiModel, dtype: str) -> None:
     """The LM step at one conversation in each mode, then (if asked) the sweep, for `lm` in
     `dtype`; the generators (and their compiled steps) die on return."""
     plan, results = session.plan, session.results
@@ -488,7 +467,7 @@ def measure_dtype(session: Session, lm: LMModel, mimi: MimiModel, mimi_steps: Mi
         done = f"p95 {ms(last['frame']['p95_s'])} ms" if last["status"] == "ok" else last["status"]
         print(f"{key}, {last['conversations']} conversations: {done}", file=sys.stderr)
 
-    sweep(session, gen, mimi, mimi_steps, record)
+    sweep(session, gen, mimi, record)
 
 
 def compiles(device: torch.device, mode: str) -> bool:
