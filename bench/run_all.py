@@ -88,7 +88,7 @@ class Table:
             bound = row.read_bytes / bandwidth * row.bound_scale if row.read_bytes else None
             theirs = row.reference
             speed_up = None
-            if theirs is not None and row.ours:
+            if theirs and row.ours:  # none when either side is 0 (no stream within 80 ms, say)
                 speed_up = row.ours / theirs if row.higher_is_better else theirs / row.ours
             cells = [figure(row.ours), "—" if theirs is None else figure(theirs),
                      "—" if speed_up is None else f"{speed_up:.2f}x", figure(bound) if bound else "—",
@@ -203,6 +203,9 @@ def main() -> None:
     stt_rows(table, results["stt"], args.stt_layers)
     tts_rows(table, results["tts"], args.tts_layers)
 
+    out = BENCH / "results" / "latest.json"  # first: a failure in the table below loses no figure
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
     print(f"moshi-core benchmarks: {machine_line(machine)}\nread bandwidth {before} at the start, {after} at the end "
           f"(the bound uses the larger); load average {start_load} at the start, {results['load']['end']} at the end\n")
     table.print(bandwidth)
@@ -210,9 +213,6 @@ def main() -> None:
           "beside each of our configurations.")
     if "gpu" not in results:
         print("GPU: not measured (no CUDA device here).")
-    out = BENCH / "results" / "latest.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
