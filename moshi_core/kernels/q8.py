@@ -10,9 +10,8 @@ arithmetics (`set_int8_activations`):
 - int8 (the default): each activation row is quantized to Q8_0 too (per block of 32, d = max|x| / 127, as
   GGUF runtimes such as llama.cpp and Candle do), and a block's product is an int8 dot
   product in int32, scaled by both blocks' scales and summed in float32, block after block.
-  It reads the same weights with fewer instructions, shared by the rows of a batch (four
-  conversations cost about what one does on a 2-core AVX-512 EPYC, where the float path
-  costs twice as much), and adds the activations' rounding (half a step
+  The weight work is shared by the rows of a batch (in the kernel, four rows cost 1.2x one
+  on a 2-core AVX-512 EPYC, the float path 1.8x), and it adds the activations' rounding (half a step
   of max|x| / 127 per block: logits of a small LM move by 2-3% of their scale; greedy
   tokens agree with the float path as often as Q8_0 weights agree with unquantized ones).
 - float ("strict"): the exact dequantized weights times the float activations, in float32:
