@@ -340,6 +340,20 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// The eight rows' block dots against one activation block x, lane r for row r, from rows as
+// loaded (not transposed): each row's dot in eight lanes of four, summed across by a tree of
+// horizontal adds. For a single activation row this costs fewer instructions than the
+// transpose, which only pays when several rows share it; the integers are the same.
+template <typename Dot>
+inline __m256i untransposed_dots(const __m256i w[8], __m256i x) {
+  __m256i d[8];
+  for (int r = 0; r < 8; ++r) d[r] = Dot::dot(_mm256_setzero_si256(), x, w[r]);
+  const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+  const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+  // low: rows 0-3 over bytes 0-15 | rows 0-3 over bytes 16-31; high: rows 4-7 likewise
+  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
+}
+
 // One tile of eight weight rows from r0 against activation rows [n0, n0 + N); `next` (or
 // nullptr) is the following tile, prefetched a line per row every other block.
 template <int N, typename Dot, typename Y>
@@ -357,18 +371,23 @@ inline void int8_tile(const TileRows& t, const TileRows* next, const Int8Rows& x
       for (int r = 0; r < 8; ++r) _mm_prefetch((const char*)(next->scales[r] + b), _MM_HINT_T0);
     __m256i v[8];
     for (int r = 0; r < 8; ++r) v[r] = Dot::weights(_mm256_loadu_si256((const __m256i*)(t.q[r] + b * BLOCK)));
-    transpose8(v);
+    if constexpr (N > 1) transpose8(v);
     const __m256 dw = _mm256_loadu_ps(scales[b % 8]);
     for (int n = 0; n < N; ++n) {
       const int8_t* xb = x.q + (n0 + n) * K + b * BLOCK;
       // Integer sums are exact in any order: two chains, short enough to overlap.
       __m256i even = Dot::offset ? _mm256_set1_epi32(x.offsets[(n0 + n) * blocks + b]) : _mm256_setzero_si256();
-      __m256i odd = _mm256_setzero_si256();
-      for (int g = 0; g < 8; g += 2) {
-        even = Dot::dot(even, broadcast4(xb + 4 * g), v[g]);
-        odd = Dot::dot(odd, broadcast4(xb + 4 * g + 4), v[g + 1]);
+      if constexpr (N == 1) {
+        even = _mm256_add_epi32(even, untransposed_dots<Dot>(v, _mm256_loadu_si256((const __m256i*)xb)));
+      } else {
+        __m256i odd = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g += 2) {
+          even = Dot::dot(even, broadcast4(xb + 4 * g), v[g]);
+          odd = Dot::dot(odd, broadcast4(xb + 4 * g + 4), v[g + 1]);
+        }
+        even = _mm256_add_epi32(even, odd);
       }
-      const __m256i dot = _mm256_add_epi32(even, odd);
+      const __m256i dot = even;
       const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(n0 + n) * blocks + b]));
       acc[n] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[n]);  // exact: |dot| < 2^20
     }
