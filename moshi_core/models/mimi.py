@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moshi_core.errors import InvalidParameterError
-from moshi_core.nn.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_core.nn.conv import CausalConv, StreamingConv1d, StreamingConvTranspose1d
 from moshi_core.nn.rvq import QuantizerConfig, ResidualVectorQuantizer, SplitResidualVectorQuantizer
 from moshi_core.nn.seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from moshi_core.nn.streaming import ResettableFields, StateGroup, active_of, rows_of
@@ -257,12 +257,12 @@ class MimiModel(nn.Module):
     def init_state(self, batch_size: int = 1, max_frames: int = 1) -> MimiState:
         """State for `batch_size` independent streams; `max_frames` is the size of one pass.
 
-        Weights derived from the parameters (the quantizer's tables, the transposed convs'
+        Weights derived from the parameters (the quantizer's tables, the convs' re-laid-out
         taps) are built here, before any step: built inside a compiled step, they would change
         what the compiled graph guards on and the next step would compile again.
         """
         for module in self.modules():
-            if isinstance(module, (StreamingConvTranspose1d, ResidualVectorQuantizer)):
+            if isinstance(module, (CausalConv, ResidualVectorQuantizer)):
                 module.derive_weights()
         steps = self._steps_per_frame * max_frames
         state = MimiState(

@@ -73,11 +73,14 @@ def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
         for m in range(1, n):
             out += linear(frames[:, m : m + steps], rows_major[m])
         return out
-    # [E, D, 1, n] in channels-last memory: the layout the direct convolution reads
-    weight = derived("nhwc", lambda: taps.detach().permute(2, 1, 0)[:, :, None].contiguous(
-        memory_format=torch.channels_last))
+    weight = derived("direct", lambda: direct_conv_weight(taps))
     out = F.conv2d(frames.transpose(1, 2)[:, :, None], weight, bias)  # [B, E, 1, T], NHWC
     return out[:, :, 0].transpose(1, 2)
+
+
+def direct_conv_weight(taps: torch.Tensor) -> torch.Tensor:
+    """Taps [n, D, E] as the direct convolution reads them: [E, D, 1, n] in channels-last memory."""
+    return taps.detach().permute(2, 1, 0)[:, :, None].contiguous(memory_format=torch.channels_last)
 
 
 def _window_kernel(x: torch.Tensor):
@@ -144,6 +147,17 @@ class CausalConv(nn.Module):
         """The conv of x [B, padding + L, C_in], left context included."""
         raise NotImplementedError
 
+    def _dense_taps(self) -> torch.Tensor | None:
+        """The taps [n, D, E] that `tap_conv` takes, or None (a depthwise conv has none)."""
+        raise NotImplementedError
+
+    def derive_weights(self) -> None:
+        """Build the taps' direct-convolution layout now, as a step on a GPU or a long call
+        reads it, rather than inside the first step (see `MimiModel.init_state`)."""
+        taps = self._dense_taps()
+        if taps is not None:
+            self._cached("direct", lambda: direct_conv_weight(taps))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Offline: x [B, L, C_in] from the start of the stream."""
         if self.pad_mode == "replicate":
@@ -204,10 +218,13 @@ class StreamingConv1d(CausalConv):
         B, L, C = x.shape
         if L % self.stride:
             raise ValueError(f"input length {L - self.padding} is not a multiple of the stride {self.stride}")
+        frames = x.reshape(B, L // self.stride, self.stride * C)
+        return tap_conv(frames, self._dense_taps(), self.conv.conv.bias, self._cached)
+
+    def _dense_taps(self) -> torch.Tensor:
         weight = self.conv.conv.weight  # [C_out, C_in, k], stored as [k, C_in, C_out]
-        k, c_out = weight.shape[2], weight.shape[0]
-        taps = weight.permute(2, 1, 0).reshape(k // self.stride, self.stride * C, c_out)  # a view
-        return tap_conv(x.reshape(B, L // self.stride, self.stride * C), taps, self.conv.conv.bias, self._cached)
+        k, c_in, c_out = weight.shape[2], weight.shape[1], weight.shape[0]
+        return weight.permute(2, 1, 0).reshape(k // self.stride, self.stride * c_in, c_out)  # a view
 
 
 class StreamingConvTranspose1d(CausalConv):
@@ -246,9 +263,9 @@ class StreamingConvTranspose1d(CausalConv):
         bias = None if convtr.bias is None else convtr.bias.detach().repeat(s)
         return taps.contiguous(), bias
 
-    def derive_weights(self) -> None:
-        """Build the sub-pixel taps now rather than in the first step (see `MimiModel.init_state`)."""
-        self._cached("subpixel", self._subpixel_weights)
+    def _dense_taps(self) -> torch.Tensor | None:
+        taps, _ = self._cached("subpixel", self._subpixel_weights)
+        return taps if self.convtr.convtr.groups == 1 else None
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         taps, bias = self._cached("subpixel", self._subpixel_weights)

@@ -65,11 +65,12 @@ def test_compiled_step_never_recompiles_and_equals_eager(portable):
             eager.reset(joins)
             compiled.reset(joins)
             wav = torch.randn(STREAMS, 1, FRAME, generator=generator) * 0.3
-            codes = mimi.encode_step(wav, eager, active=active)
+            # compiled first: the weights a step derives must exist before its first trace
             got = encode(wav, compiled, active=active)
+            codes = mimi.encode_step(wav, eager, active=active)
             assert torch.equal(got[active], codes[active])
-            audio = mimi.decode_step(codes, eager, active=active)
             got = decode(codes, compiled, active=active)
+            audio = mimi.decode_step(codes, eager, active=active)
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got[active], audio[active], rtol=0, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # one graph each, compiled once
