@@ -13,7 +13,7 @@ MIMI_PARTS = {
 def step_bytes(model: torch.nn.Module) -> int:
     """An LM step: all weights but the embedding tables (one row each is read), 8-bit ones
     as their int8 values and float16 scales."""
-    from moshi_core.kernels.q8 import Q8Weight
+    from moshi_core.kernels.q8 import QuantizedWeight
 
     total = 0
     for name, p in model.named_parameters():
@@ -22,8 +22,8 @@ def step_bytes(model: torch.nn.Module) -> int:
     for name, module in model.named_modules():
         if "emb" not in name:
             for w in vars(module).values():
-                if isinstance(w, Q8Weight):
-                    total += w.qs.numel() + w.scales.numel() * w.scales.element_size()
+                if isinstance(w, QuantizedWeight):
+                    total += w.nbytes
     return total
 
 

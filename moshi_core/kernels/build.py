@@ -35,7 +35,7 @@ LDFLAGS = ["-fopenmp"]
 NAME = "moshi_core_kernels"
 # common.h first: the sources are one translation unit.
 SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp")
-FUNCTIONS = ["skinny_linear", "q8_linear", "q8_int8_instructions", "q8_use_int8_instructions", "quantize_q8_0",
+FUNCTIONS = ["skinny_linear", "q8_tiles_linear", "q8_int8_instructions", "q8_use_int8_instructions", "quantize_q8_0",
              "attention_step", "rms_norm", "silu_mul", "elu_window"]
 
 

@@ -7,25 +7,27 @@
 // each weight is read once, converted in registers, and used for every activation row while
 // it is there.
 //
-// Weights: float32, bfloat16, float16 [O, K], or Q8_0 (int8 [O, K] with one float16 scale per
-// block of 32 along K). Every output is the same sum in the same order whatever M and the
+// Weights: float32, bfloat16, float16 [O, K], or Q8_0 in tiles (see "Q8_0 tiles" below: int8
+// values with one float16 scale per block of 32 along K, laid out at load so that a step reads
+// them as one stream). Every output is the same sum in the same order whatever M and the
 // thread count are, so a row's result does not depend on what it is batched with.
 //
 // Q8_0 weights take float32 or int8 activations:
-// - float32 ("strict"): the weight block is dequantized exactly (an int8 times a float16 fits
-//   float32) and the arithmetic is float32, as for the float weights.
+// - float32 ("strict"): each block's exact int8 values times the float activations, summed in
+//   float32, then times the block's scale (an int8 times a float16 fits float32: these are the
+//   dequantized weights' products, to float32 summation order).
 // - int8 (GGUF runtimes' arithmetic, llama.cpp's ggml_vec_dot_q8_0_q8_0): each activation row
 //   is quantized to Q8_0 as GGUF's reference quantize_row_q8_0 does, except that its scale
 //   stays float32 (nothing stores it). A block's product is then an exact int32 dot product,
 //   scaled by d_w * d_x and accumulated in float32 by FMA block after block, as GGUF's
-//   reference does (see "the int8 arithmetic" below: eight weight rows per vector, so the
-//   weight work is shared by the activation rows). The int8 dot runs on AVX-VNNI or AVX-512
-//   VNNI where the CPU has them (chosen at run time), else on AVX2: the integers are exact
-//   and the float arithmetic is the same, so every CPU gives the same bits.
+//   reference does. The int8 dot runs on AVX-512 VNNI or AVX-VNNI where the CPU has them
+//   (chosen at run time), else on AVX2: the integers are exact and the float arithmetic is the
+//   same, so every CPU gives the same bits.
 //
-// Memory: the rows of a tile are short streams (a 1024-wide int8 row is 16 cache lines), too
-// short for the hardware prefetcher to ramp up, so while a tile is computed the next tile's
-// bytes are prefetched, spread over its block steps (1.5x on the depth transformer's matrices).
+// Memory: a float tile's rows are short streams (a 1024-wide bfloat16 row is 32 cache lines),
+// too short for the hardware prefetcher to ramp up, so while a tile is computed the next
+// tile's bytes are prefetched, spread over its block steps (1.5x on the depth transformer's
+// matrices). A Q8_0 tile is one contiguous stream, prefetched a few blocks ahead.
 
 // Built after common.h, as one unit with the other kernels (see there).
 #include <cstring>
@@ -45,19 +47,16 @@ struct FloatRows {
   const float* block(int64_t n, int64_t b) const { return x + n * K + b * BLOCK; }
 };
 
-// A weight format yields one block of 32 weights of a row as four vectors of eight floats; a
-// `scaled` format also yields a scale that multiplies the block's dot product.
+// A float weight format yields eight weights of a row as a vector of eight floats (`eight`).
 template <typename T, int64_t Bytes>
 struct FloatWeights {
-  static constexpr bool scaled = false;
   static constexpr int64_t bytes_per_weight = Bytes;
   const T* w;
   int64_t K;
   const char* row_bytes(int64_t row) const { return reinterpret_cast<const char*>(w + row * K); }
 };
 
-// The float formats also take a K that is a multiple of 8 only: the columns past the last
-// whole block are read eight at a time (`eight`).
+// K need only be a multiple of 8: the columns past the last whole block are read eight at a time.
 struct F32Weights : FloatWeights<float, 4> {
   inline __m256 eight(int64_t row, int64_t k) const { return _mm256_loadu_ps(w + row * K + k); }
 };
@@ -70,28 +69,6 @@ struct F16Weights : FloatWeights<uint16_t, 2> {
   inline __m256 eight(int64_t row, int64_t k) const { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + row * K + k))); }
 };
 
-// Q8_0: with float activations a block is converted without its scale, which then multiplies
-// the block's dot product once per activation row (fewer operations than scaling every weight).
-struct Q8Weights {
-  static constexpr bool scaled = true;
-  static constexpr int64_t bytes_per_weight = 1;
-  const int8_t* q;
-  const uint16_t* scales;  // float16 bits, K / 32 per row
-  int64_t K;
-  const char* row_bytes(int64_t row) const { return reinterpret_cast<const char*>(q + row * K); }
-  inline void eights(int64_t row, int64_t b, __m256 out[4]) const {
-    const int8_t* p = q + row * K + b * BLOCK;
-    for (int i = 0; i < 4; ++i)
-      out[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * i))));
-  }
-  inline float scale(int64_t row, int64_t b) const { return _cvtsh_ss(scales[row * (K / BLOCK) + b]); }
-  // The scales of `rows` rows from `row` on, one line per call while b walks the lines.
-  inline void prefetch_scales(int64_t row, int64_t rows, int64_t b) const {
-    const char* first = reinterpret_cast<const char*>(scales + row * (K / BLOCK));
-    if (b * LINE < rows * (K / BLOCK) * 2) _mm_prefetch(first + b * LINE, _MM_HINT_T0);
-  }
-};
-
 // Block b of weight row `row` against N activation rows: acc[n] += their products.
 template <int N, typename W>
 inline void accumulate(const W& w, int64_t row, int64_t b, const FloatRows& x, __m256 acc[N]) {
@@ -99,19 +76,6 @@ inline void accumulate(const W& w, int64_t row, int64_t b, const FloatRows& x, _
   for (int i = 0; i < 4; ++i) wv[i] = w.eight(row, b * BLOCK + 8 * i);
   for (int i = 0; i < 4; ++i)
     for (int n = 0; n < N; ++n) acc[n] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(x.block(n, b) + 8 * i), acc[n]);
-}
-
-template <int N>
-inline void accumulate(const Q8Weights& w, int64_t row, int64_t b, const FloatRows& x, __m256 acc[N]) {
-  __m256 wv[4];
-  w.eights(row, b, wv);
-  const __m256 scale = _mm256_set1_ps(w.scale(row, b));
-  for (int n = 0; n < N; ++n) {
-    const float* xb = x.block(n, b);
-    __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
-    for (int i = 1; i < 4; ++i) dot = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xb + 8 * i), dot);
-    acc[n] = _mm256_fmadd_ps(dot, scale, acc[n]);
-  }
 }
 
 template <typename T>
@@ -132,17 +96,14 @@ inline void tile(const W& w, int64_t r0, int64_t next, const X& x, int64_t n0, i
   for (int64_t b = 0; b < K / BLOCK; ++b) {
     if (ahead) {  // the next tile is R * K contiguous weights: one block step's share of its lines
       for (int64_t l = 0; l < lines_per_block; ++l) _mm_prefetch(ahead + (b * lines_per_block + l) * LINE, _MM_HINT_T0);
-      if constexpr (W::scaled) w.prefetch_scales(next, R, b);
     }
     for (int r = 0; r < R; ++r) accumulate<N>(w, r0 + r, b, xs, acc[r]);
   }
-  if constexpr (!W::scaled) {
-    for (int64_t k = K / BLOCK * BLOCK; k < K; k += 8)
-      for (int r = 0; r < R; ++r) {
-        const __m256 wv = w.eight(r0 + r, k);
-        for (int n = 0; n < N; ++n) acc[r][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs.x + n * K + k), acc[r][n]);
-      }
-  }
+  for (int64_t k = K / BLOCK * BLOCK; k < K; k += 8)
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = w.eight(r0 + r, k);
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs.x + n * K + k), acc[r][n]);
+    }
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n)
       store(y + (n0 + n) * O + r0 + r, hsum(acc[r][n]) + (bias ? bias[r0 + r] : 0.f));
@@ -235,65 +196,142 @@ void quantize_q8(const float* x, int64_t blocks, int8_t* q, float* d) {
   }
 }
 
-// ---- Q8_0 weights times Q8_0 activations: the int8 arithmetic ----
+// ---- Q8_0 tiles ----
 //
-// Eight weight rows at a time, one per 32-bit lane. A block's eight 32-byte rows are loaded
-// and transposed (lane r of vector g holds bytes 4g..4g+3 of row r); each activation row's
-// bytes 4g..4g+3 are broadcast against vector g, so eight dot-product steps leave the eight
-// rows' exact int32 block dots in the eight lanes. No horizontal sum is needed, and the
-// weight work (loads, transpose, scales) is shared by every activation row of the tile.
-// Each output is GGUF's own sum, acc = fma(d_w * d_x, dot, acc) block after block
-// (ggml_vec_dot_q8_0_q8_0 with the multiply-add fused): the same bits on every CPU, for any
-// batch and thread count.
+// A Q8_0 matrix is laid out at load (moshi_core/kernels/q8.py, `TiledQ8Weight`) in tiles of
+// 16 rows: int8 [O / 16, K / 32, 512] and float16 scales [O / 16, K / 32, 16], O padded with
+// zero rows to a multiple of 16. In block b of a tile, byte 64 g + 4 r + j is byte 4 g + j of
+// row r's block b: lane r (32 bits) of the block's 64-byte vector g holds four consecutive
+// weights of row r, and the block's 16 scales follow each other. So a step reads a tile as one
+// contiguous stream (the hardware prefetcher's best case), and no shuffle runs: four
+// activation bytes broadcast against vector g, one dot-product instruction adds four products
+// to each row's lane. AVX-512 takes a vector whole (16 rows), AVX2 as two halves of 8.
 
-// out[g] lane r = v[r] lane g: an 8 x 8 transpose of 32-bit elements, in place.
-inline void transpose8(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);      // elements 0 1 | 4 5 of rows i, i+1
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);  // 2 3 | 6 7
+constexpr int64_t TILE = 16;                      // rows per tile
+constexpr int64_t TILE_BLOCK = TILE * BLOCK;      // bytes of a tile's block
+constexpr int64_t PREFETCH_BLOCKS = 4;            // how far ahead of the stream to prefetch
+
+struct Q8Tiles {
+  const int8_t* q;
+  const uint16_t* scales;  // float16 bits
+  int64_t K;
+  int64_t blocks() const { return K / BLOCK; }
+  const int8_t* tile(int64_t t) const { return q + t * TILE * K; }
+  const uint16_t* tile_scales(int64_t t) const { return scales + t * TILE * blocks(); }
+};
+
+// The vector widths: `lanes` 32-bit lanes, one weight row each.
+struct Ymm {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int lanes = 8;
+  static I load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static I broadcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
   }
-  for (int i = 0; i < 8; i += 4) {  // rows i..i+3: element e (low half) and e + 4 (high half)
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I flip(I w) { return _mm256_xor_si256(w, _mm256_set1_epi8(-128)); }  // w + 128 as unsigned bytes
+  static F scales(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+struct Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int lanes = 16;
+  AVX512 static I load(const int8_t* p) { return _mm512_loadu_si512((const void*)p); }
+  AVX512 static I broadcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
   }
-  for (int g = 0; g < 4; ++g) {
-    v[g] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x20);
-    v[g + 4] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x31);
+  AVX512 static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  AVX512 static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  AVX512 static I flip(I w) { return _mm512_xor_si512(w, _mm512_set1_epi8(-128)); }
+  AVX512 static F scales(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  AVX512 static F zero() { return _mm512_setzero_ps(); }
+  AVX512 static F set1(float v) { return _mm512_set1_ps(v); }
+  AVX512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  AVX512 static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  AVX512 static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  AVX512 static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+
+// Strict: one float activation row against tile t, eight rows (half h) at a time. Byte j of
+// each lane is shifted to the top and back (sign-extended) into a float; four sums, one per
+// byte position, keep four multiply-add chains in flight.
+template <typename Y>
+void float_tile(const Q8Tiles& w, int64_t t, const float* x, Y* y, int64_t O) {
+  for (int64_t h = 0; h < TILE / Ymm::lanes; ++h) {
+    __m256 acc = _mm256_setzero_ps();
+    const int8_t* q = w.tile(t) + 4 * Ymm::lanes * h;
+    const uint16_t* s = w.tile_scales(t) + Ymm::lanes * h;
+    for (int64_t b = 0; b < w.blocks(); ++b, q += TILE_BLOCK, s += TILE) {
+      __m256 d[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int g = 0; g < 8; ++g) {
+        const __m256i v = Ymm::load(q + 4 * TILE * g);
+        const float* xg = x + b * BLOCK + 4 * g;
+        d[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)), _mm256_set1_ps(xg[0]), d[0]);
+        d[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)), _mm256_set1_ps(xg[1]), d[1]);
+        d[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)), _mm256_set1_ps(xg[2]), d[2]);
+        d[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), _mm256_set1_ps(xg[3]), d[3]);
+      }
+      const __m256 dot = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), _mm256_add_ps(d[2], d[3]));
+      acc = _mm256_fmadd_ps(dot, Ymm::scales(s), acc);
+    }
+    float out[Ymm::lanes];
+    _mm256_storeu_ps(out, acc);
+    for (int64_t r = 0; r < Ymm::lanes && t * TILE + h * Ymm::lanes + r < O; ++r) store(y + t * TILE + h * Ymm::lanes + r, out[r]);
   }
 }
 
-// dot(acc, x, w) adds to each int32 lane the four products of x's bytes and w's, w as
+template <typename Y>
+void matmul_float_tiles(const Q8Tiles& w, const float* x, int64_t M, int64_t O, Y* y) {
+  const int64_t tiles = (O + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 65536 / (TILE * w.K)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t n = 0; n < M; ++n) float_tile(w, t, x + n * w.K, y + n * O, O);
+  });
+}
+
+// int8: dot(acc, x, w) adds to each int32 lane the four products of x's bytes and w's, w as
 // `weights` made it. AVX2's byte product takes one unsigned operand and saturates at 16 bits:
 // it multiplies |w| (-128 read as 128) by x with w's signs, pairs of which fit (|x| <= 127).
 // VNNI's does not saturate: it takes w + 128 (`offset`), and each activation block's
-// 128 * sum(x), computed with its quantization, starts the sum negated.
+// -128 * sum(x), computed with its quantization, starts the sum.
 struct Avx2Dot {
+  using Vec = Ymm;
   static constexpr bool offset = false;
-  static inline __m256i weights(__m256i w) { return w; }
-  static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
+  static __m256i weights(__m256i w) { return w; }
+  static __m256i dot(__m256i acc, __m256i x, __m256i w) {
     const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
 };
 
-struct VnniWeights {
+struct AvxVnniDot {
+  using Vec = Ymm;
   static constexpr bool offset = true;
-  static inline __m256i weights(__m256i w) { return _mm256_xor_si256(w, _mm256_set1_epi8(-128)); }
-};
-
-struct AvxVnniDot : VnniWeights {
-  __attribute__((target("avxvnni"))) static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
+  static __m256i weights(__m256i w) { return Ymm::flip(w); }
+  __attribute__((target("avxvnni"))) static __m256i dot(__m256i acc, __m256i x, __m256i w) {
     return _mm256_dpbusd_avx_epi32(acc, w, x);
   }
 };
 
-struct Avx512VnniDot : VnniWeights {
-  __attribute__((target("avx512vnni,avx512vl"))) static inline __m256i dot(__m256i acc, __m256i x, __m256i w) {
-    return _mm256_dpbusd_epi32(acc, w, x);
-  }
+struct Avx512VnniDot {
+  using Vec = Zmm;
+  static constexpr bool offset = true;
+  AVX512 static __m512i weights(__m512i w) { return Zmm::flip(w); }
+  AVX512 static __m512i dot(__m512i acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
 
 // Activations quantized to Q8_0: int8 [M, K], one float32 scale per block of 32, and for an
@@ -305,115 +343,65 @@ struct Int8Rows {
   int64_t K;
 };
 
-// The eight rows of a tile: their weights and scales, or zeros past the matrix's last row.
-struct TileRows {
-  const int8_t* q[8];
-  const uint16_t* scales[8];
-};
-
-TileRows tile_rows(const Q8Weights& w, int64_t r0, int64_t O, const int8_t* zero_q, const uint16_t* zero_scales) {
-  TileRows t;
-  for (int r = 0; r < 8; ++r) {
-    t.q[r] = r0 + r < O ? w.q + (r0 + r) * w.K : zero_q;
-    t.scales[r] = r0 + r < O ? w.scales + (r0 + r) * (w.K / BLOCK) : zero_scales;
-  }
-  return t;
-}
-
-// The float32 scales of blocks b..b+count-1 of the tile's rows: out[i][r] for block b + i.
-inline void tile_scales(const TileRows& t, int64_t b, int64_t count, float out[8][8]) {
-  if (count < 8) {
-    for (int64_t i = 0; i < count; ++i)
-      for (int r = 0; r < 8; ++r) out[i][r] = _cvtsh_ss(t.scales[r][b + i]);
-    return;
-  }
-  __m256i v[8];
-  for (int r = 0; r < 8; ++r)
-    v[r] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(t.scales[r] + b))));
-  transpose8(v);
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out[i], _mm256_castsi256_ps(v[i]));
-}
-
-inline __m256i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-
-// The eight rows' block dots against one activation block x, lane r for row r, from rows as
-// loaded (not transposed): each row's dot in eight lanes of four, summed across by a tree of
-// horizontal adds. For a single activation row this costs fewer instructions than the
-// transpose, which only pays when several rows share it; the integers are the same.
-template <typename Dot>
-inline __m256i untransposed_dots(const __m256i w[8], __m256i x) {
-  __m256i d[8];
-  for (int r = 0; r < 8; ++r) d[r] = Dot::dot(_mm256_setzero_si256(), x, w[r]);
-  const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-  const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-  // low: rows 0-3 over bytes 0-15 | rows 0-3 over bytes 16-31; high: rows 4-7 likewise
-  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
-}
-
-// One tile of eight weight rows from r0 against activation rows [n0, n0 + N); `next` (or
-// nullptr) is the following tile, prefetched a line per row every other block.
+// Tile t against activation rows [n0, n0 + N). Each output is GGUF's own sum, acc = fma(d_w *
+// d_x, dot, acc) block after block (ggml_vec_dot_q8_0_q8_0 with the multiply-add fused): the
+// same bits on every CPU, for any batch and thread count.
 template <int N, typename Dot, typename Y>
-inline void int8_tile(const TileRows& t, const TileRows* next, const Int8Rows& x, int64_t n0, int64_t r0,
-                      int64_t O, Y* y) {
-  const int64_t K = x.K, blocks = K / BLOCK;
-  __m256 acc[N];
-  for (int n = 0; n < N; ++n) acc[n] = _mm256_setzero_ps();
-  float scales[8][8];  // [block % 8][row]
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (b % 8 == 0) tile_scales(t, b, std::min<int64_t>(8, blocks - b), scales);
-    if (next && b % 2 == 0)
-      for (int r = 0; r < 8; ++r) _mm_prefetch((const char*)(next->q[r] + b * BLOCK), _MM_HINT_T0);
-    if (next && b % 32 == 0)
-      for (int r = 0; r < 8; ++r) _mm_prefetch((const char*)(next->scales[r] + b), _MM_HINT_T0);
-    __m256i v[8];
-    for (int r = 0; r < 8; ++r) v[r] = Dot::weights(_mm256_loadu_si256((const __m256i*)(t.q[r] + b * BLOCK)));
-    if constexpr (N > 1) transpose8(v);
-    const __m256 dw = _mm256_loadu_ps(scales[b % 8]);
-    for (int n = 0; n < N; ++n) {
-      const int8_t* xb = x.q + (n0 + n) * K + b * BLOCK;
-      // Integer sums are exact in any order: two chains, short enough to overlap.
-      __m256i even = Dot::offset ? _mm256_set1_epi32(x.offsets[(n0 + n) * blocks + b]) : _mm256_setzero_si256();
-      if constexpr (N == 1) {
-        even = _mm256_add_epi32(even, untransposed_dots<Dot>(v, _mm256_loadu_si256((const __m256i*)xb)));
-      } else {
-        __m256i odd = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g += 2) {
-          even = Dot::dot(even, broadcast4(xb + 4 * g), v[g]);
-          odd = Dot::dot(odd, broadcast4(xb + 4 * g + 4), v[g + 1]);
-        }
-        even = _mm256_add_epi32(even, odd);
+inline void int8_tile(const Q8Tiles& w, int64_t t, const Int8Rows& x, int64_t n0, int64_t O, Y* y) {
+  using V = typename Dot::Vec;
+  constexpr int parts = TILE / V::lanes;
+  const int64_t K = w.K, blocks = w.blocks();
+  const int8_t* q = w.tile(t);
+  const uint16_t* s = w.tile_scales(t);
+  typename V::F acc[parts][N];
+  for (int p = 0; p < parts; ++p)
+    for (int n = 0; n < N; ++n) acc[p][n] = V::zero();
+  for (int64_t b = 0; b < blocks; ++b, q += TILE_BLOCK, s += TILE) {
+    for (int64_t l = 0; l < TILE_BLOCK; l += LINE) _mm_prefetch((const char*)q + PREFETCH_BLOCKS * TILE_BLOCK + l, _MM_HINT_T0);
+    _mm_prefetch((const char*)(s + PREFETCH_BLOCKS * TILE), _MM_HINT_T0);
+    for (int p = 0; p < parts; ++p) {
+      const typename V::F dw = V::scales(s + p * V::lanes);
+      // Integer sums are exact in any order: two chains per row, short enough to overlap.
+      typename V::I even[N], odd[N];
+      for (int n = 0; n < N; ++n) {
+        even[n] = V::set1(Dot::offset ? x.offsets[(n0 + n) * blocks + b] : 0);
+        odd[n] = V::set1(0);
       }
-      const __m256i dot = even;
-      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(n0 + n) * blocks + b]));
-      acc[n] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[n]);  // exact: |dot| < 2^20
+      for (int g = 0; g < 8; g += 2) {
+        const typename V::I w0 = Dot::weights(V::load(q + 4 * TILE * g + 4 * V::lanes * p));
+        const typename V::I w1 = Dot::weights(V::load(q + 4 * TILE * (g + 1) + 4 * V::lanes * p));
+        for (int n = 0; n < N; ++n) {
+          const int8_t* xb = x.q + (n0 + n) * K + b * BLOCK + 4 * g;
+          even[n] = Dot::dot(even[n], V::broadcast4(xb), w0);
+          odd[n] = Dot::dot(odd[n], V::broadcast4(xb + 4), w1);
+        }
+      }
+      for (int n = 0; n < N; ++n) {
+        const typename V::F scale = V::mul(dw, V::set1(x.d[(n0 + n) * blocks + b]));
+        acc[p][n] = V::fma(scale, V::to_float(V::add(even[n], odd[n])), acc[p][n]);  // exact: |dot| < 2^20
+      }
     }
   }
-  for (int n = 0; n < N; ++n) {
-    float out[8];
-    _mm256_storeu_ps(out, acc[n]);
-    for (int r = 0; r < 8 && r0 + r < O; ++r) store(y + (n0 + n) * O + r0 + r, out[r]);
-  }
+  for (int p = 0; p < parts; ++p)
+    for (int n = 0; n < N; ++n) {
+      float out[V::lanes];
+      V::store(out, acc[p][n]);
+      const int64_t r0 = t * TILE + p * V::lanes;
+      for (int64_t r = 0; r < V::lanes && r0 + r < O; ++r) store(y + (n0 + n) * O + r0 + r, out[r]);
+    }
 }
 
-// Tiles [begin, end) against all M activation rows, four at a time.
+// Tiles [begin, end) against all M activation rows, four at a time (a tile's bytes are still
+// in the core's cache for the next four).
 template <typename Dot, typename Y>
-void int8_tiles(const Q8Weights& w, const Int8Rows& x, int64_t M, int64_t O, Y* y, const int8_t* zero_q,
-                const uint16_t* zero_scales, int64_t begin, int64_t end) {
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const TileRows t = tile_rows(w, tile * 8, O, zero_q, zero_scales);
-    const TileRows following = tile_rows(w, (tile + 1) * 8, O, zero_q, zero_scales);
-    const TileRows* next = tile + 1 < end ? &following : nullptr;
+void int8_tiles(const Q8Tiles& w, const Int8Rows& x, int64_t M, int64_t O, Y* y, int64_t begin, int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
     int64_t n = 0;
-    for (; n + 4 <= M; n += 4) int8_tile<4, Dot>(t, n == 0 ? next : nullptr, x, n, tile * 8, O, y);
-    next = n == 0 ? next : nullptr;
+    for (; n + 4 <= M; n += 4) int8_tile<4, Dot>(w, t, x, n, O, y);
     switch (M - n) {
-      case 3: int8_tile<3, Dot>(t, next, x, n, tile * 8, O, y); break;
-      case 2: int8_tile<2, Dot>(t, next, x, n, tile * 8, O, y); break;
-      case 1: int8_tile<1, Dot>(t, next, x, n, tile * 8, O, y); break;
+      case 3: int8_tile<3, Dot>(w, t, x, n, O, y); break;
+      case 2: int8_tile<2, Dot>(w, t, x, n, O, y); break;
+      case 1: int8_tile<1, Dot>(w, t, x, n, O, y); break;
     }
   }
 }
@@ -435,13 +423,14 @@ struct Int8Isa<AvxVnniDot> {
 template <>
 struct Int8Isa<Avx512VnniDot> {
   template <typename... A>
-  __attribute__((target("avx512vnni,avx512vl"), flatten)) static void run(const A&... a) {
+  __attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) static void run(const A&... a) {
     int8_tiles<Avx512VnniDot>(a...);
   }
 };
 
 template <typename Dot, typename Y>
-void matmul_int8(const Q8Weights& w, const float* xf, int64_t M, int64_t K, int64_t O, Y* y) {
+void matmul_int8(const Q8Tiles& w, const float* xf, int64_t M, int64_t O, Y* y) {
+  const int64_t K = w.K;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * K / BLOCK);
   quantize_q8(xf, M * K / BLOCK, q.data(), d.data());
@@ -452,12 +441,9 @@ void matmul_int8(const Q8Weights& w, const float* xf, int64_t M, int64_t K, int6
     offsets[i] = -128 * sum;
   }
   const Int8Rows x{q.data(), d.data(), offsets.data(), K};
-  std::vector<int8_t> zero_q(O % 8 ? K : 0);  // the rows a last, partial tile lacks
-  std::vector<uint16_t> zero_scales(O % 8 ? K / BLOCK : 0);
-  const int64_t tiles = (O + 7) / 8;
-  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * K));  // at least ~64 KB of weights per task
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    Int8Isa<Dot>::run(w, x, M, O, y, zero_q.data(), zero_scales.data(), begin, end);
+  const int64_t grain = std::max<int64_t>(1, 65536 / (TILE * K));  // at least ~64 KB of weights per task
+  at::parallel_for(0, (O + TILE - 1) / TILE, grain, [&](int64_t begin, int64_t end) {
+    Int8Isa<Dot>::run(w, x, M, O, y, begin, end);
   });
 }
 
@@ -467,35 +453,40 @@ bool has(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case Isa::avx_vnni: return __builtin_cpu_supports("avxvnni");
-    case Isa::avx512_vnni: return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    case Isa::avx512_vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
     default: return true;
   }
 }
 
+// The widest first: with the tiles, a 64-byte vector is a whole tile's block row.
 Isa& int8_isa() {
-  static Isa isa = has(Isa::avx_vnni) ? Isa::avx_vnni : has(Isa::avx512_vnni) ? Isa::avx512_vnni : Isa::avx2;
+  static Isa isa = has(Isa::avx512_vnni) ? Isa::avx512_vnni : has(Isa::avx_vnni) ? Isa::avx_vnni : Isa::avx2;
   return isa;
 }
 
 constexpr std::pair<Isa, const char*> ISA_NAMES[] = {
     {Isa::avx2, "avx2"}, {Isa::avx_vnni, "avx-vnni"}, {Isa::avx512_vnni, "avx512-vnni"}};
 
-template <typename W, typename Y>
-void matmul_q8_rows(const W& w, const float* x, int64_t M, int64_t K, int64_t O, Y* y) {
+template <typename Y>
+void matmul_q8(const Q8Tiles& w, const float* x, int64_t M, int64_t O, bool int8_rows, Y* y) {
+  if (!int8_rows) return matmul_float_tiles(w, x, M, O, y);
   switch (int8_isa()) {
-    case Isa::avx_vnni: return matmul_int8<AvxVnniDot>(w, x, M, K, O, y);
-    case Isa::avx512_vnni: return matmul_int8<Avx512VnniDot>(w, x, M, K, O, y);
-    case Isa::avx2: return matmul_int8<Avx2Dot>(w, x, M, K, O, y);
+    case Isa::avx512_vnni: return matmul_int8<Avx512VnniDot>(w, x, M, O, y);
+    case Isa::avx_vnni: return matmul_int8<AvxVnniDot>(w, x, M, O, y);
+    case Isa::avx2: return matmul_int8<Avx2Dot>(w, x, M, O, y);
   }
 }
 
-// The product in y's type, from float32 activations `xp`: `int8_rows` quantizes them first.
+// The product in y's type, from float32 activations `xp`: Q8_0 tiles in int8 if `int8_rows`.
 template <typename W, typename Y>
 void product(const W& w, const float* xp, int64_t M, int64_t K, int64_t O, const float* bias, bool int8_rows, Y* y) {
-  if constexpr (std::is_same_v<W, Q8Weights>) {
-    if (int8_rows) return matmul_q8_rows(w, xp, M, K, O, y);
+  if constexpr (std::is_same_v<W, Q8Tiles>) {
+    matmul_q8(w, xp, M, O, int8_rows, y);
+  } else {
+    matmul(w, FloatRows{xp, K}, M, K, O, bias, y);
   }
-  matmul(w, FloatRows{xp, K}, M, K, O, bias, y);
 }
 
 template <typename W>
@@ -549,15 +540,21 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional
   }
 }
 
-// y = x W^T for a Q8_0 W: int8 values [O, K] and float16 scales [O, K / 32]; y has x's dtype.
+// y = x W^T for a Q8_0 W of `rows` rows in tiles (see "Q8_0 tiles"): int8 [tiles, K / 32,
+// 512] and float16 scales [tiles, K / 32, 16]; y [M, rows] has x's dtype.
 // `int8_activations`: quantize x to Q8_0 and multiply in int8 (see the top of this file).
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, bool int8_activations) {
-  check(x, qs, BLOCK);
-  TORCH_CHECK(scales.is_contiguous() && scales.size(0) == qs.size(0) && scales.size(1) * BLOCK == qs.size(1),
-              "q8_linear: one scale per block of 32 weights");
-  const int64_t K = qs.size(1);
+torch::Tensor q8_tiles_linear(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t rows,
+                              bool int8_activations) {
+  TORCH_CHECK(tiles.dim() == 3 && tiles.size(2) == TILE_BLOCK && tiles.is_contiguous(),
+              "q8_tiles_linear: the tiles must be int8 [tiles, K / 32, 512]");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == tiles.size(0) && scales.size(1) == tiles.size(1) &&
+              scales.size(2) == TILE && scales.is_contiguous(), "q8_tiles_linear: one scale per tile row and block");
+  const int64_t K = tiles.size(1) * BLOCK;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "q8_tiles_linear: shapes do not match");
+  TORCH_CHECK(rows > (tiles.size(0) - 1) * TILE && rows <= tiles.size(0) * TILE, "q8_tiles_linear: ", rows,
+              " rows do not fill ", tiles.size(0), " tiles");
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  return run(Q8Weights{qs.data_ptr<int8_t>(), sp, K}, x, qs.size(0), c10::nullopt, int8_activations);
+  return run(Q8Tiles{tiles.data_ptr<int8_t>(), sp, K}, x, rows, c10::nullopt, int8_activations);
 }
 
 // GGUF's Q8_0 of a float32, bfloat16 or float16 matrix [O, K] (K a multiple of 32): int8 values
@@ -588,7 +585,7 @@ std::vector<torch::Tensor> quantize_q8_0(torch::Tensor weight) {
   return {qs, scales};
 }
 
-// Which instructions the int8 dot products of `q8_linear` run on here.
+// Which instructions the int8 dot products of `q8_tiles_linear` run on here.
 std::string q8_int8_instructions() {
   for (const auto& [isa, name] : ISA_NAMES)
     if (isa == int8_isa()) return name;

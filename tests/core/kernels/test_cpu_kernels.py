@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from moshi_core.kernels import build as cpu_kernels
 from moshi_core.kernels import q8
 from moshi_core.kernels.linear import SKINNY_MAX_ROWS, linear
-from moshi_core.kernels.q8 import Q8Weight
+from moshi_core.kernels.q8 import Q8Tensor, Q8Tiles, TiledQ8Weight
 from moshi_core.nn.transformer import Transformer, TransformerConfig
 
 
-def _random_q8(rows: int, cols: int, g: torch.Generator) -> Q8Weight:
+def _random_q8(rows: int, cols: int, g: torch.Generator) -> TiledQ8Weight:
     qs = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
     scales = (torch.rand(rows, cols // 32, generator=g) * 0.02).half()
-    return Q8Weight(qs, scales, dtype=torch.float32)
+    tiled = Q8Tiles.of(Q8Tensor(qs, scales))
+    return TiledQ8Weight(tiled.tiles, tiled.scales, tiled.rows, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,6 +1,7 @@
-"""Q8_0 weights times int8 activations (GGUF runtimes' arithmetic) in `csrc/linear.cpp`:
-bit for bit against a float64 model of the same arithmetic, and on a small LM against the
-strict float path (the kernels exist where AVX2, FMA and F16C do; elsewhere these skip)."""
+"""Q8_0 weights (in the CPU tiles) times int8 activations (GGUF runtimes' arithmetic) in
+`csrc/linear.cpp`: bit for bit against a float64 model of the same arithmetic, and on a small
+LM against the strict float path (the kernels exist where AVX2, FMA and F16C do; elsewhere
+these skip)."""
 
 import numpy as np
 import pytest
@@ -71,9 +72,15 @@ def _activations(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _product(kernel, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, int8: bool = True) -> torch.Tensor:
+    """x @ Wᵀ by the kernel, W = (qs, scales) laid out in tiles as a model's weights are at load."""
+    tiled = q8.Q8Tiles.of(q8.Q8Tensor(qs, scales))
+    return kernel.q8_tiles_linear(x, tiled.tiles, tiled.scales, tiled.rows, int8)
+
+
 def _cpu_instructions() -> list[str]:
     flags = set(open("/proc/cpuinfo").read().split())
-    return ["avx2"] + ["avx-vnni"] * ("avx_vnni" in flags) + ["avx512-vnni"] * ({"avx512_vnni", "avx512vl"} <= flags)
+    return ["avx2"] + ["avx-vnni"] * ("avx_vnni" in flags) + ["avx512-vnni"] * ({"avx512f", "avx512bw", "avx512_vnni"} <= flags)
 
 
 @pytest.fixture(params=_cpu_instructions())
@@ -91,11 +98,11 @@ def test_int8_product_is_the_float64_model_bit_for_bit(kernel, instructions, row
     g = torch.Generator().manual_seed(rows * 10 + threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:  # widths: a partial tile of 8 rows, several blocks short of 8, a long row, many tiles
+    try:  # outputs: a partial tile of 16 rows (under 8, over 8), whole tiles, a long row, many tiles
         for out, inner in ((7, 32), (13, 64), (20, 96), (67, 4096), (1031, 256), (64, 544)):
             qs, scales = _random_q8(out, inner, g)
             x = _activations(rows, inner, g)
-            got = kernel.q8_linear(x, qs, scales, True)
+            got = _product(kernel, x, qs, scales)
             assert got.dtype == torch.float32 and got.shape == (rows, out)
             np.testing.assert_array_equal(got.double().numpy(), q8_int8_model(x, qs, scales))
     finally:
@@ -111,7 +118,7 @@ def test_quantized_activations_round_halves_away_from_zero(kernel):
     identity as weights, the product is the quantized row itself."""
     x = torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 3.5, 0.25, -0.75] + [0.0] * 24])
     identity = torch.eye(32, dtype=torch.int8)
-    q = kernel.q8_linear(x, identity, torch.ones(32, 1, dtype=torch.float16), True)
+    q = _product(kernel, x, identity, torch.ones(32, 1, dtype=torch.float16))
     assert q[0, :8].tolist() == [127, 1, -1, 2, -3, 4, 0, -1]
     assert _quantize_q8(x.double().numpy())[0][0, :8].tolist() == q[0, :8].tolist()
 
@@ -120,35 +127,36 @@ def test_int8_product_in_bfloat16_is_the_float32_one_rounded(kernel):
     g = torch.Generator().manual_seed(0)
     qs, scales = _random_q8(40, 512, g)
     x = _activations(3, 512, g).bfloat16()
-    got = kernel.q8_linear(x, qs, scales, True)
+    got = _product(kernel, x, qs, scales)
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, kernel.q8_linear(x.float(), qs, scales, True).bfloat16())
+    assert torch.equal(got, _product(kernel, x.float(), qs, scales).bfloat16())
 
 
 def test_int8_rows_give_the_same_bits_alone_or_in_a_batch(kernel):
     g = torch.Generator().manual_seed(1)
     qs, scales = _random_q8(777, 1024, g)
     x = _activations(7, 1024, g)
-    alone = torch.cat([kernel.q8_linear(r, qs, scales, True) for r in x.split(1)])
-    assert torch.equal(kernel.q8_linear(x, qs, scales, True), alone)
+    alone = torch.cat([_product(kernel, r, qs, scales) for r in x.split(1)])
+    assert torch.equal(_product(kernel, x, qs, scales), alone)
 
 
 def test_the_switch_picks_the_arithmetic(kernel, monkeypatch):
     g = torch.Generator().manual_seed(2)
     qs, scales = _random_q8(64, 256, g)
-    weight = q8.Q8Weight(qs, scales, dtype=torch.float32)
+    tiled = q8.Q8Tiles.of(q8.Q8Tensor(qs, scales))
+    weight = q8.TiledQ8Weight(tiled.tiles, tiled.scales, tiled.rows, dtype=torch.float32)
     x = _activations(2, 256, g)
     monkeypatch.setattr(q8, "INT8_ACTIVATIONS", True)
     int8 = weight(x)
     q8.set_int8_activations(False)
     strict = weight(x)
-    assert torch.equal(int8, kernel.q8_linear(x, qs, scales, True))
-    assert torch.equal(strict, kernel.q8_linear(x, qs, scales, False)) and not torch.equal(int8, strict)
+    assert torch.equal(int8, _product(kernel, x, qs, scales, True))
+    assert torch.equal(strict, _product(kernel, x, qs, scales, False)) and not torch.equal(int8, strict)
 
 
 def test_the_instructions_named_are_this_cpus(kernel):
-    flags = open("/proc/cpuinfo").read().split()
-    expected = "avx-vnni" if "avx_vnni" in flags else "avx512-vnni" if {"avx512_vnni", "avx512vl"} <= set(flags) else "avx2"
+    flags = set(open("/proc/cpuinfo").read().split())
+    expected = "avx512-vnni" if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else "avx-vnni" if "avx_vnni" in flags else "avx2"
     assert kernel.q8_int8_instructions() == expected
 
 

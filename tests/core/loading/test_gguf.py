@@ -8,7 +8,7 @@ from oracle import REDUCED_7B, official_state_dict, random_reference_lm, write_c
 from moshi_core.errors import CheckpointError
 from moshi_core.kernels import build as cpu_kernels
 from moshi_core.kernels import q8
-from moshi_core.kernels.q8 import Q8Tensor, Q8Weight
+from moshi_core.kernels.q8 import Q8Tensor, QuantizedWeight, TiledQ8Weight
 from moshi_core.loading.checkpoints import load_lm
 from moshi_core.loading.gguf import candle_to_ours, read_gguf
 from moshi_core.models.lm import LMConfig
@@ -83,8 +83,8 @@ def test_int8_weights_stay_int8(int8_and_float):
     int8, _ = int8_and_float
     attention = int8.transformer.layers[0].self_attn
     for weight in (int8.text_linear.weight, int8.emb[0].weight, attention.in_proj_weight, int8.linears[3].weight):
-        assert isinstance(weight, Q8Weight) and weight.qs.dtype == torch.int8
-    assert not isinstance(int8.out_norm.alpha, Q8Weight)
+        assert isinstance(weight, TiledQ8Weight) and weight.tiles.dtype == torch.int8  # the CPU's layout
+    assert not isinstance(int8.out_norm.alpha, QuantizedWeight)
 
 
 def test_int8_forward_within_1e4_of_float32_and_of_the_reference(int8_and_float):

@@ -21,7 +21,7 @@ from tts_oracle import VOICES, tiny_tts  # noqa: F401 (fixture)
 
 from moshi_core.errors import InvalidParameterError
 from moshi_core.kernels import build as cpu_kernels
-from moshi_core.kernels.q8 import Q8Weight, QuantizedWeight
+from moshi_core.kernels.q8 import QuantizedWeight, TiledQ8Weight
 from moshi_core.kernels.quantize import is_q8_matrix, quantize_q8_0
 from moshi_core.loading import checkpoints
 from moshi_core.loading.registry import load_moshi
@@ -165,9 +165,9 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> int:
     for name, x in wa.items():
         y = wb[name]
         assert type(x) is type(y), name
-        if isinstance(x, Q8Weight):
+        if isinstance(x, TiledQ8Weight):
             q8 += 1
-            assert torch.equal(x.qs, y.qs) and torch.equal(x.scales, y.scales), name
+            assert x.rows == y.rows and torch.equal(x.tiles, y.tiles) and torch.equal(x.scales, y.scales), name
         else:
             assert x.dtype == y.dtype and torch.equal(x, y), name
     return q8
@@ -212,7 +212,7 @@ def test_moshi_q8_from_bf16_is_its_gguf(moshi_pair):
     # Rows of 176 (the temporal MLP's output) are not whole blocks: float, as in the GGUF.
     mlp_out = quantized.transformer.layers[0].gating.linear_out.weight
     assert not isinstance(mlp_out, QuantizedWeight) and mlp_out.dtype == torch.bfloat16
-    assert isinstance(quantized.text_emb.weight, Q8Weight) and isinstance(quantized.linears[0].weight, Q8Weight)
+    assert isinstance(quantized.text_emb.weight, TiledQ8Weight) and isinstance(quantized.linears[0].weight, TiledQ8Weight)
     assert_same_logits(quantized, from_gguf)
     user = torch.randint(0, 2048, (8, 2, 8, 1), generator=torch.Generator().manual_seed(4))
     tokens = []
@@ -234,7 +234,7 @@ def test_stt_q8_from_bf16_is_its_gguf(tmp_path, mimi_checkpoint, tokenizer_model
     bf16, gguf_folder = _pair(tmp_path, tmp_path / "stt", lambda path, state: write_candle_gguf(path, state, 0))
     quantized, from_gguf = load_stt(str(bf16), quantize="q8").lm, load_gguf_lm(gguf_folder)
     assert assert_same_weights(quantized, from_gguf) > 10
-    assert isinstance(quantized.extra_heads[0].weight, Q8Weight)
+    assert isinstance(quantized.extra_heads[0].weight, TiledQ8Weight)
     assert_same_logits(quantized, from_gguf)
 
 
@@ -297,7 +297,7 @@ def test_q8_load_holds_at_most_one_float_matrix_at_a_time(moshi_pair, monkeypatc
     bf16, _ = moshi_pair
     config = LMConfig.from_dict(json.loads((bf16 / "config.json").read_text()))
     lm = checkpoints.load_lm(bf16 / "model.safetensors", config, quantize="q8")
-    q8 = sum(isinstance(w, Q8Weight) for w in weights(lm).values())
+    q8 = sum(isinstance(w, TiledQ8Weight) for w in weights(lm).values())
     assert len(matrices) == q8 > 50  # each came through the reader, once (the depformer's norms are 3-D)
     assert max(alive_at_read) == 0 and all(ref() is None for ref in matrices)
 
