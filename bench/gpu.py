@@ -46,7 +46,7 @@ from gpu_bound import DeviceBandwidth, device_read_bandwidth, tensor_bytes  # no
 from reads import mimi_bytes, step_bytes  # noqa: E402
 
 from moshi_core.inference.generate import LMGenerator  # noqa: E402
-from moshi_core.kernels.q8 import Q8Weight, attach_int8_weights, set_gpu_q8  # noqa: E402
+from moshi_core.kernels.q8 import QuantizedWeight, attach_int8_weights, set_gpu_q8  # noqa: E402
 from moshi_core.kernels.quantize import is_q8_matrix, quantize_q8_0  # noqa: E402
 from moshi_core.models.lm import MOSHI_7B, LMConfig, LMModel  # noqa: E402
 from moshi_core.models.mimi import MimiModel  # noqa: E402
@@ -123,7 +123,7 @@ def dequantize_in_place(model: LMModel) -> LMModel:
     with torch.no_grad():
         for module in model.modules():
             for attr, weight in list(vars(module).items()):
-                if isinstance(weight, Q8Weight):
+                if isinstance(weight, QuantizedWeight):
                     delattr(module, attr)
                     module.register_parameter(attr, torch.nn.Parameter(weight.dequantize(torch.bfloat16), False))
     return model
