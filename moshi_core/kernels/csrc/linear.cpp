@@ -423,10 +423,9 @@ struct Int8Isa<AvxVnniDot> {
 template <>
 struct Int8Isa<Avx512VnniDot> {
   template <typename... A>
-  __attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) static void run(const A&... a) {
-    int8_tiles<Avx512VnniDot>(a...);
-  }
+  AVX512 __attribute__((flatten)) static void run(const A&... a) { int8_tiles<Avx512VnniDot>(a...); }
 };
+#undef AVX512
 
 template <typename Dot, typename Y>
 void matmul_int8(const Q8Tiles& w, const float* xf, int64_t M, int64_t O, Y* y) {
