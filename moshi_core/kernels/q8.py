@@ -134,8 +134,9 @@ class Q8Tiles:
     def gather(self, rows: torch.Tensor) -> Q8Tensor:
         """Rows `rows` (any shape of indices), row-major: [*rows.shape, in]."""
         count, blocks, _ = self.tiles.shape
-        lanes = _lanes(self.tiles).view(count, blocks, 8, TILE)[rows // TILE, :, :, rows % TILE]  # [*rows, blocks, 8]
-        return Q8Tensor(lanes.view(torch.int8).reshape(*rows.shape, -1), self.scales[rows // TILE, :, rows % TILE])
+        tile, lane = rows // TILE, rows % TILE
+        lanes = _lanes(self.tiles).view(count, blocks, 8, TILE)[tile, :, :, lane]  # [*rows, blocks, 8]
+        return Q8Tensor(lanes.view(torch.int8).reshape(*rows.shape, -1), self.scales[tile, :, lane])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.untiled().dequantize(dtype)

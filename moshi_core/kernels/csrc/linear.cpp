@@ -266,9 +266,14 @@ struct Zmm {
   AVX512 static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
 };
 
-// Strict: one float activation row against tile t, eight rows (half h) at a time. Byte j of
-// each lane is shifted to the top and back (sign-extended) into a float; four sums, one per
-// byte position, keep four multiply-add chains in flight.
+// Byte j of each 32-bit lane as a float: shifted to the top, then back down with its sign.
+template <int J>
+inline __m256 lane_byte(__m256i v) {
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * J), 24));
+}
+
+// Strict: one float activation row against tile t, eight rows (half h) at a time; four sums,
+// one per byte position of a lane, keep four multiply-add chains in flight.
 template <typename Y>
 void float_tile(const Q8Tiles& w, int64_t t, const float* x, Y* y, int64_t O) {
   for (int64_t h = 0; h < TILE / Ymm::lanes; ++h) {
@@ -280,10 +285,10 @@ void float_tile(const Q8Tiles& w, int64_t t, const float* x, Y* y, int64_t O) {
       for (int g = 0; g < 8; ++g) {
         const __m256i v = Ymm::load(q + 4 * TILE * g);
         const float* xg = x + b * BLOCK + 4 * g;
-        d[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)), _mm256_set1_ps(xg[0]), d[0]);
-        d[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)), _mm256_set1_ps(xg[1]), d[1]);
-        d[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)), _mm256_set1_ps(xg[2]), d[2]);
-        d[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), _mm256_set1_ps(xg[3]), d[3]);
+        d[0] = _mm256_fmadd_ps(lane_byte<0>(v), _mm256_set1_ps(xg[0]), d[0]);
+        d[1] = _mm256_fmadd_ps(lane_byte<1>(v), _mm256_set1_ps(xg[1]), d[1]);
+        d[2] = _mm256_fmadd_ps(lane_byte<2>(v), _mm256_set1_ps(xg[2]), d[2]);
+        d[3] = _mm256_fmadd_ps(lane_byte<3>(v), _mm256_set1_ps(xg[3]), d[3]);
       }
       const __m256 dot = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), _mm256_add_ps(d[2], d[3]));
       acc = _mm256_fmadd_ps(dot, Ymm::scales(s), acc);
