@@ -11,7 +11,8 @@ flag: the core reads no environment of its own).
   (see `moshi_core.kernels.q8`).
 - `attention.cpp`: one streaming step of self-attention over a ring KV cache, fused (see
   `moshi_core.nn.transformer.Attention.step`).
-- `norm.cpp`: RMSNorm and the SiLU gate of a few rows, fused.
+- `norm.cpp`: RMSNorm, LayerNorm, the SiLU gate, GELU and the layer-scaled residual of a
+  few rows, fused.
 - `conv.cpp`: the input window of a streaming conv, through the SEANet's ELU, in one pass
   (see `moshi_core.nn.conv.CausalConv.step`).
 """
@@ -36,7 +37,8 @@ NAME = "moshi_core_kernels"
 # common.h first: the sources are one translation unit.
 SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp")
 FUNCTIONS = ["skinny_linear", "q8_tiles_linear", "q8_int8_instructions", "q8_use_int8_instructions", "quantize_q8_0",
-             "attention_step", "rms_norm", "silu_mul", "elu_window"]
+             "attention_step", "rms_norm", "silu_mul", "layer_norm", "gelu", "add_scaled",
+             "elu_window"]
 
 
 # A plain module flag: the lookup runs for every matrix product of a step.

@@ -238,11 +238,27 @@ class RMSNorm(nn.Module):
 FUSED_MAX_ROWS = 16
 
 
-def _fused_rows_kernel(x: torch.Tensor):
+def _fused_rows_kernel(x: torch.Tensor, float32_only: bool = False):
     """Our fused row kernels (`csrc/norm.cpp`) for a streaming step's few rows on CPU, else None."""
     if x.numel() > FUSED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
         return None
+    if float32_only and x.dtype != torch.float32:
+        return None
     return kernel_for(x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact GELU (Mimi's MLPs)."""
+    kernel = _fused_rows_kernel(x, float32_only=True)
+    return kernel.gelu(x) if kernel is not None else F.gelu(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _fused_rows_kernel(x, float32_only=True) if self.weight is not None else None
+        if kernel is not None and self.weight.dtype == torch.float32:
+            return kernel.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 class LayerNormF32(nn.LayerNorm):
@@ -252,7 +268,7 @@ class LayerNormF32(nn.LayerNorm):
 
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layer_norm":
-        return nn.LayerNorm(dim, eps=1e-5)
+        return LayerNorm(dim, eps=1e-5)
     if kind == "layer_norm_f32":
         return LayerNormF32(dim, eps=1e-8)
     return RMSNorm(dim, eps=1e-8 if kind == "rms_norm_f32" else 1e-5, in_float32=kind == "rms_norm_f32")
@@ -281,11 +297,13 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, first_step: int) -> torch.Tensor:
-        rows = weight.shape[0] // self.cfg.weight_sets
+        sets = self.cfg.weight_sets
+        rows = weight.shape[0] // sets
 
         def apply(x_t: torch.Tensor, i: int) -> torch.Tensor:
             B, T, _ = x_t.shape
-            return linear(x_t.reshape(B * T, -1), weight[i * rows : (i + 1) * rows]).view(B, T, -1)
+            w = weight if sets == 1 else weight[i * rows : (i + 1) * rows]  # a slice costs a few µs
+            return linear(x_t.reshape(B * T, -1), w).view(B, T, -1)
 
         return _per_step(x, first_step, self.cfg, apply)
 
@@ -386,6 +404,15 @@ class LayerScale(nn.Module):
         return self.scale * x
 
 
+def add_update(x: torch.Tensor, update: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
+    """The residual x + layer_scale(update), in update's dtype."""
+    kernel = _fused_rows_kernel(update, float32_only=True) if isinstance(layer_scale, LayerScale) else None
+    if kernel is not None and x.dtype == torch.float32 and layer_scale.scale.dtype == torch.float32:
+        return kernel.add_scaled(x, update, layer_scale.scale)
+    update = layer_scale(update)
+    return x.to(update.dtype) + update
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + ls1 * attn(norm1 x), then x + ls2 * mlp(norm2 x)."""
 
@@ -411,26 +438,24 @@ class TransformerLayer(nn.Module):
         self.cross_attention: CrossAttention | None = None
         if cfg.cross_attention:
             self.cross_attention = CrossAttention(cfg)
-            self.norm_cross = nn.LayerNorm(d, eps=1e-5)  # always a LayerNorm, as in Kyutai's models
+            self.norm_cross = LayerNorm(d, eps=1e-5)  # always a LayerNorm, as in Kyutai's models
             self.layer_scale_cross = LayerScale(d) if has_scale else nn.Identity()
 
     def _mlp(self, h: torch.Tensor, first_step: int) -> torch.Tensor:
         if self.cfg.gating == "none":
-            return self.linear2(F.gelu(self.linear1(h)))
+            return self.linear2(gelu(self.linear1(h)))
         if isinstance(self.gating, nn.ModuleList):
             return _per_step(h, first_step, self.cfg, lambda h_t, i: self.gating[i](h_t))
         return self.gating(h)
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext,
              cross: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        update = self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, ctx))
-        x = x.to(update.dtype) + update
+        x = add_update(x, self.self_attn.step(self.norm1(x), keys, values, ctx), self.layer_scale_1)
         if self.cross_attention is not None:
             if cross is None:
                 raise ValueError("this transformer attends to a condition: call set_cross_source first")
-            x = x + self.layer_scale_cross(self.cross_attention(self.norm_cross(x), *cross))
-        update = self.layer_scale_2(self._mlp(self.norm2(x), ctx.first_step))
-        return x.to(update.dtype) + update
+            x = add_update(x, self.cross_attention(self.norm_cross(x), *cross), self.layer_scale_cross)
+        return add_update(x, self._mlp(self.norm2(x), ctx.first_step), self.layer_scale_2)
 
 
 class Transformer(nn.Module):

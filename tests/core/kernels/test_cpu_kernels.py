@@ -101,14 +101,20 @@ def _run(cfg: TransformerConfig, dtype: torch.dtype, kernels_on: bool, monkeypat
     return outputs
 
 
+# The LM's layers (RMSNorm, SiLU gate) and Mimi's (LayerNorm, GELU, layer scale).
+LAYERS = {"lm": dict(norm="rms_norm_f32", gating="silu", layer_scale=None),
+          "mimi": dict(norm="layer_norm", gating="none", layer_scale=0.01)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("position", ["rope", "none"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_fused_attention_step_equals_the_pytorch_step(kernel, dtype, position, steps, monkeypatch):
+@pytest.mark.parametrize("layers", LAYERS)
+def test_fused_attention_step_equals_the_pytorch_step(kernel, dtype, position, steps, layers, monkeypatch):
     """Over a wrapping ring, with streams stepped alone, in subsets and all together, one
     step per call (the LM) or two (Mimi's transformers)."""
     cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=5,
-                            positional_embedding=position, norm="rms_norm_f32", gating="silu", layer_scale=None)
+                            positional_embedding=position, **LAYERS[layers])
     schedule = [None, [1], [0, 2], None, [2], [1, 0], None, None, [0], None]
     fused = _run(cfg, dtype, True, monkeypatch, schedule, steps)
     reference = _run(cfg, dtype, False, monkeypatch, schedule, steps)
@@ -150,3 +156,33 @@ def test_fused_rms_norm_and_silu_gate(kernel, dtype):
     got = kernel.silu_mul(gate_up)
     expected = F.silu(gate_up[..., :88]) * gate_up[..., 88:]  # PyTorch's two roundings
     torch.testing.assert_close(got, expected, rtol=rounding * 2, atol=rounding * 2)
+
+
+def _ulps(got: torch.Tensor, exact: torch.Tensor, size: torch.Tensor | None = None) -> float:
+    """The largest error of float32 `got`, in units of float32's epsilon times the size of
+    what was summed (`size`, by default |exact|, at least a thousandth of its largest value)."""
+    size = exact.abs() if size is None else size
+    size = size.clamp_min(1e-3 * size.max())
+    return float(((got.double() - exact).abs() / (torch.finfo(torch.float32).eps * size)).max())
+
+
+def test_fused_layer_norm_gelu_and_scaled_residual(kernel):
+    """Mimi's row operations against float64, for widths with and without a tail of 8."""
+    g = torch.Generator().manual_seed(0)
+    for dim in (512, 517):
+        x = torch.randn(3, 2, dim, generator=g) * 3 + 1
+        weight, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+        normed = F.layer_norm(x.double(), (dim,), eps=1e-5)
+        exact, size = normed * weight + bias, (normed * weight).abs() + bias.abs()
+        assert _ulps(kernel.layer_norm(x, weight, bias, 1e-5), exact, size) < 8
+        update, scale = torch.randn(3, 2, dim, generator=g), torch.randn(dim, generator=g)
+        exact, size = x.double() + scale * update.double(), x.abs() + (scale * update).abs()
+        assert _ulps(kernel.add_scaled(x, update, scale), exact, size) <= 1
+    x = torch.cat([torch.linspace(-10, 10, 20001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0])])
+    for shape in ((20007,), (3, 2, 3334)):
+        inputs = x[: torch.Size(shape).numel()].reshape(shape)
+        got, exact = kernel.gelu(inputs).double(), F.gelu(inputs.double())
+        # The erf approximation's absolute error (1.5e-7, as PyTorch's vectorized erf), times
+        # |x| / 2, plus a few roundings.
+        bound = 0.75e-7 * inputs.abs() + 4 * torch.finfo(torch.float32).eps * exact.abs()
+        assert ((got - exact).abs() <= bound).all()
