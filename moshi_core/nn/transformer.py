@@ -255,7 +255,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _fused_rows_kernel(x, float32_only=True) if self.weight is not None else None
+        affine = self.weight is not None and self.bias is not None
+        kernel = _fused_rows_kernel(x, float32_only=True) if affine else None
         if kernel is not None and self.weight.dtype == torch.float32:
             return kernel.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
