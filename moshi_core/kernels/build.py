@@ -35,10 +35,10 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 NAME = "moshi_core_kernels"
 # common.h first: the sources are one translation unit.
-SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp")
+SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp", "layers.cpp")
 FUNCTIONS = ["skinny_linear", "q8_tiles_linear", "q8_int8_instructions", "q8_use_int8_instructions", "quantize_q8_0",
              "attention_step", "rms_norm", "silu_mul", "layer_norm", "gelu", "add_scaled",
-             "elu_window"]
+             "elu_window", "layers_step"]
 
 
 # A plain module flag: the lookup runs for every matrix product of a step.

@@ -27,6 +27,7 @@ from torch import nn
 
 from moshi_core.kernels.build import kernel_for
 from moshi_core.kernels.linear import linear, skinny_kernel
+from moshi_core.nn.derived import DerivedWeights
 from moshi_core.nn.streaming import keep_mask
 
 
@@ -129,33 +130,15 @@ class NormConvTranspose1d(nn.Module):
         self.convtr = nn.ConvTranspose1d(*args, **kwargs)
 
 
-class CausalConv(nn.Module):
+class CausalConv(DerivedWeights):
     """Streaming logic shared by both convs: keep `padding` input samples per stream.
 
-    Weights derived from the parameters (re-laid-out taps) are made on first use and kept
-    until the parameters move, change dtype or are loaded again.
+    Its re-laid-out taps are derived weights (`DerivedWeights`).
     """
 
     padding: int
     in_channels: int
     pad_mode: str = "constant"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._derived: dict[str, object] = {}
-
-    def _apply(self, fn, recurse=True):
-        self._derived.clear()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._derived.clear()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _cached(self, name: str, build: Callable[[], object]):
-        if name not in self._derived:
-            self._derived[name] = build()
-        return self._derived[name]
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """The conv of x [B, padding + L, C_in], left context included."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moshi_core.nn.derived import DerivedWeights
+
 
 @dataclass
 class QuantizerConfig:
@@ -50,13 +52,12 @@ class _CodebookStack(nn.Module):
         self.layers = nn.ModuleList([_CodebookLayer(dim, bins) for _ in range(n_q)])
 
 
-class ResidualVectorQuantizer(nn.Module):
+class ResidualVectorQuantizer(DerivedWeights):
     def __init__(self, n_q: int, dim: int, bins: int, input_dim: int, output_dim: int) -> None:
         super().__init__()
         self.input_proj = nn.Conv1d(input_dim, dim, 1, bias=False)
         self.output_proj = nn.Conv1d(dim, output_dim, 1, bias=False)
         self.vq = _CodebookStack(n_q, dim, bins)
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use
 
     @property
     def n_q(self) -> int:
@@ -64,24 +65,17 @@ class ResidualVectorQuantizer(nn.Module):
 
     def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Centroids [n_q, bins, dim] and, for distances, [n_q, bins, dim + 2] = [e, 1, |e|^2]."""
-        if self._tables is None:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             centroids = torch.stack([layer._codebook.embedding() for layer in self.vq.layers])
             ones = centroids.new_ones(*centroids.shape[:-1], 1)
-            padded = torch.cat([centroids, ones, centroids.pow(2).sum(-1, keepdim=True)], dim=-1)
-            self._tables = (centroids, padded)
-        return self._tables
+            return centroids, torch.cat([centroids, ones, centroids.pow(2).sum(-1, keepdim=True)], dim=-1)
+
+        return self._cached("tables", build)
 
     def derive_weights(self) -> None:
         """Build the lookup tables now rather than in the first step (see `MimiModel.init_state`)."""
         self._lookup_tables()
-
-    def _apply(self, fn, recurse=True):
-        self._tables = None  # device/dtype moves and loads invalidate the cache
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._tables = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """[B, T, input_dim] -> codes [B, n_q, T]: greedy nearest centroid on the residual.

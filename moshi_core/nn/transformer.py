@@ -21,6 +21,7 @@ from torch import nn
 
 from moshi_core.kernels.build import kernel_for
 from moshi_core.kernels.linear import Linear, linear
+from moshi_core.nn.derived import DerivedWeights
 from moshi_core.nn.streaming import keep_mask
 
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
@@ -267,9 +268,12 @@ class LayerNormF32(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+LAYER_NORM_EPS = 1e-5
+
+
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layer_norm":
-        return LayerNorm(dim, eps=1e-5)
+        return LayerNorm(dim, eps=LAYER_NORM_EPS)
     if kind == "layer_norm_f32":
         return LayerNormF32(dim, eps=1e-8)
     return RMSNorm(dim, eps=1e-8 if kind == "rms_norm_f32" else 1e-5, in_float32=kind == "rms_norm_f32")
@@ -459,7 +463,7 @@ class TransformerLayer(nn.Module):
         return add_update(x, self._mlp(self.norm2(x), ctx.first_step), self.layer_scale_2)
 
 
-class Transformer(nn.Module):
+class Transformer(DerivedWeights):
     """Stack of layers on [B, T, C] (named `transformer` inside the checkpoints' wrapper)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -512,6 +516,10 @@ class Transformer(nn.Module):
         elif cfg.positional_embedding == "sin":
             x = x + cfg.positional_scale * sin_embedding(pos_q, cfg.d_model, cfg.max_period).to(x.dtype)
         ctx = _StepContext(rotation, rows, index, window_mask(pos_q, positions, cfg.context), first_step)
+        kernel = self._layers_kernel(x, cache)
+        if kernel is not None:
+            return kernel.layers_step(x, self._layer_weights(), cache.keys, cache.values, ctx.rotation_pairs,
+                                      ctx.slots[:, 0], ctx.index, ctx.mask[:, 0], LAYER_NORM_EPS)
         if cache.cross_keys is None:
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
                 x = layer.step(x, keys, values, ctx)
@@ -522,6 +530,30 @@ class Transformer(nn.Module):
                 cross = (cross[0][rows], cross[1][rows])
             x = layer.step(x, cache.keys[i], cache.values[i], ctx, cross)
         return x
+
+    def _layers_kernel(self, x: torch.Tensor, cache: KVCache):
+        """Our whole-stack step (`csrc/layers.cpp`) where every layer would take our fused kernels
+        one by one (Mimi's layers, float32, a streaming step on CPU), else None."""
+        cfg = self.cfg
+        if not (cfg.norm == "layer_norm" and cfg.gating == "none" and cfg.layer_scale is not None
+                and cfg.weight_sets == 1 and cache.cross_keys is None and x.shape[1] <= FUSED_MAX_STEPS
+                and self.head_dim % 8 == 0 and cfg.dim_feedforward % 8 == 0 and cfg.d_model % 8 == 0):
+            return None
+        kernel = _fused_rows_kernel(x, float32_only=True)
+        if kernel is None or cache.keys[0].dtype != torch.float32:
+            return None
+        float32 = self._cached("float32_layers", lambda: all(
+            isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.is_contiguous()
+            for w in self._layer_weights()))  # not bfloat16 nor 8-bit (a `QuantizedWeight`)
+        return kernel if float32 else None
+
+    def _layer_weights(self) -> list[torch.Tensor]:
+        """Every layer's tensors in the order `layers_step` takes them (a list made once: the
+        Python attribute lookups cost a tenth of a millisecond)."""
+        return self._cached("layer_weights", lambda: [w for layer in self.layers for w in (
+            layer.norm1.weight, layer.norm1.bias, layer.self_attn.in_proj_weight, layer.self_attn.out_proj.weight,
+            layer.layer_scale_1.scale, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+            layer.linear2.weight, layer.layer_scale_2.scale)])
 
     def set_cross_source(self, cache: KVCache, source: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Compute the cross-attention keys and values of `source` [B, S, d] into `cache`, for

@@ -123,6 +123,46 @@ def test_fused_attention_step_equals_the_pytorch_step(kernel, dtype, position, s
         torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_whole_stack_step_gives_the_bits_of_the_layer_by_layer_kernels(kernel, steps, monkeypatch):
+    """Mimi's layers in one C++ call (`layers_step`) are the same kernels in the same order:
+    the same bits, over a wrapping ring, with streams stepped in subsets, alone and in lockstep
+    with an `active` mask."""
+    cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=3, dim_feedforward=128, context=5, **LAYERS["mimi"])
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    calls = []
+    whole = kernel.layers_step
+    monkeypatch.setattr(Transformer, "_layers_kernel", lambda self, x, cache, original=Transformer._layers_kernel:
+                        None if self.layer_by_layer else original(self, x, cache))
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def layers_step(self, *args):
+            calls.append(args[0].shape)
+            return whole(*args)
+
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: Spy())
+    caches = {flag: model.init_state(3, max_step=steps) for flag in (False, True)}
+    g = torch.Generator().manual_seed(1)
+    schedule = [None, [1], [0, 2], "active", None, [2], "active", None, [0], None]
+    with torch.no_grad():
+        for rows in schedule:
+            n = 2 if rows == "active" else 3 if rows is None else len(rows)
+            x = torch.randn(3 if rows == "active" else n, steps, 64, generator=g)
+            kwargs = ({"active": torch.tensor([True, False, True])} if rows == "active"
+                      else {"rows": None if rows is None else torch.tensor(rows)})
+            out = {}
+            for flag, cache in caches.items():
+                model.layer_by_layer = flag
+                out[flag] = model.step(x, cache, **kwargs)
+            assert torch.equal(out[False], out[True]), rows
+            assert torch.equal(caches[False].keys[2], caches[True].keys[2])
+    assert len(calls) == len(schedule)  # the whole-stack call ran at every step, and only there
+
+
 def test_rows_step_only_their_streams(monkeypatch):
     """A subset step leaves the other rows' caches as they were, and gives each stepped row
     what stepping it alone gives."""
