@@ -102,10 +102,14 @@ def _fused_elu(layer: nn.Module, following: nn.Module | None) -> bool:
 class _SeanetStack(nn.Module):
     """A `model` list of layers (indices as in the checkpoints) run offline or streaming.
 
-    Activations are channels-last, [B, T, C], as the convs expect.
+    Activations are channels-last, [B, T, C], as the convs expect. The layers split in two
+    at `low_rate`: the encoder's layers from it on, the decoder's before it, run at 200 Hz
+    and below (Mimi's), where a long pass pays (matrix products of many rows), while the
+    layers at the higher rates are faster in short ones (their activations stay in cache).
     """
 
     model: nn.Sequential
+    low_rate: int  # the index of the layer where the split falls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -113,8 +117,20 @@ class _SeanetStack(nn.Module):
     def init_state(self, batch_size: int) -> StateGroup:
         return _init_states(self.model, batch_size)
 
-    def step(self, x: torch.Tensor, state: StateGroup) -> torch.Tensor:
-        return _step_all(self.model, x, state)
+    def step(self, x: torch.Tensor, state: StateGroup, part: slice = slice(None)) -> torch.Tensor:
+        """A streaming step of the layers `part` (all by default: `head` and `tail` name the two
+        halves), continuing `state`."""
+        if part == slice(None):
+            return _step_all(self.model, x, state)
+        return _step_all(list(self.model)[part], x, StateGroup(state.children[part]))
+
+    @property
+    def head(self) -> slice:
+        return slice(None, self.low_rate)
+
+    @property
+    def tail(self) -> slice:
+        return slice(self.low_rate, None)
 
 
 def _residual_blocks(cfg: SeanetConfig, dim: int) -> list[nn.Module]:
@@ -130,11 +146,14 @@ class SeanetEncoder(_SeanetStack):
         layers: list[nn.Module] = [
             StreamingConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)
         ]
-        for ratio in reversed(cfg.ratios):
+        self.low_rate = 0
+        for i, ratio in enumerate(reversed(cfg.ratios)):
             dim = mult * cfg.n_filters
             layers += _residual_blocks(cfg, dim)
             layers += [nn.ELU(inplace=True), StreamingConv1d(dim, dim * 2, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
             mult *= 2
+            if i == len(cfg.ratios) - 2:
+                self.low_rate = len(layers)  # after the last downsampling but one
         layers += [
             nn.ELU(inplace=True),
             StreamingConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode),
@@ -151,7 +170,10 @@ class SeanetDecoder(_SeanetStack):
         layers: list[nn.Module] = [
             StreamingConv1d(cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)
         ]
-        for ratio in cfg.ratios:
+        self.low_rate = 0
+        for i, ratio in enumerate(cfg.ratios):
+            if i == 1:
+                self.low_rate = len(layers)  # before the second upsampling (its ELU included)
             dim = mult * cfg.n_filters
             layers += [nn.ELU(inplace=True), StreamingConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)]
             layers += _residual_blocks(cfg, dim // 2)

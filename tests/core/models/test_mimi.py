@@ -104,7 +104,7 @@ def test_progress_is_reported(our_mimi):
     seen = []
     with torch.inference_mode():
         our_mimi.encode(torch.zeros(1, 1, 1920 * 130), progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(50, 130), (100, 130), (130, 130)]  # one report per 4 s chunk
+    assert seen == [(125, 130), (130, 130)]  # one report per 10 s chunk
 
 
 def test_bad_inputs_are_refused(our_mimi):
