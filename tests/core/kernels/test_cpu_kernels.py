@@ -48,6 +48,26 @@ def test_a_row_gives_the_same_bits_alone_or_in_a_batch(kernel):
         assert torch.equal(batched, torch.cat(alone))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_products_give_the_same_bits_on_any_number_of_threads(kernel, dtype):
+    """The threads take chunks of rows as they come free: whoever computes a row, it is the
+    same sum. Matrices of many chunks, with rows left over past the last whole tile."""
+    g = torch.Generator().manual_seed(0)
+    previous = torch.get_num_threads()
+    try:
+        for out, inner in ((4099, 512), (1030, 2048), (9, 64)):
+            w = torch.randn(out, inner, generator=g).to(dtype)
+            for rows in (1, 2, 3, 5):
+                x = torch.randn(rows, inner, generator=g).to(dtype)
+                results = []
+                for threads in (1, 2, 1, 2):
+                    torch.set_num_threads(threads)
+                    results.append(kernel.skinny_linear(x, w, None))
+                assert all(torch.equal(results[0], r) for r in results[1:]), (out, inner, rows)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4, 9])
 def test_q8_linear_is_the_dequantized_product(kernel, rows, monkeypatch):
     """The strict arithmetic (the int8 one has its own tests, in test_q8_int8.py)."""
