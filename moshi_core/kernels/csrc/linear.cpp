@@ -138,10 +138,11 @@ inline void tile_range(const W& w, const X& x, int64_t M, int64_t K, int64_t O, 
 
 // body(begin, end) over [0, n) in chunks of `grain`, each thread taking the next chunk as it
 // comes free. On a shared host one core often runs slower than the other for a while; with an
-// even split the faster one waits at the join for the other's half. Measured on Mimi's float32
-// products (1-16 MB matrices, many a frame), alternating in one process on a 2-core Xeon: a
-// streamed frame 3-6% faster at p50, 7-8% at p95. The 8-bit products keep the even split:
-// their long tile streams gained nothing from it.
+// even split the faster one waits at the join for the other's half. Measured on a 2-core Xeon:
+// a streamed Mimi frame (float32 matrices of 1-16 MB) 3-6% faster at p50 and 7-8% at p95,
+// alternating in one process; the 7B bfloat16 step 754-764 -> 608-612 ms, alternating
+// processes (one activation row: 16 -> 23 GB/s, where the read gives 25). The 8-bit tiles
+// keep the even split: over 7B-shaped matrices these chunks made them 5% slower.
 template <typename F>
 void parallel_chunks(int64_t n, int64_t grain, const F& body) {
   const int64_t chunks = (n + grain - 1) / grain;
