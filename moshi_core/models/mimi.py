@@ -11,9 +11,9 @@ A server steps some of its streams with `rows`, or all of them in lockstep with 
 mask (one static shape: the step compiles into one graph, see `encode_step`).
 
 Offline runs the streaming code over chunks of 10 s, the layers above 200 Hz over pieces of
-1.44 s of them (`OFFLINE_CHUNK_FRAMES`): memory stays bounded for any file length, progress
-can be reported, and offline and streaming are one code path (every layer's streaming state
-reproduces exactly what the layer sees offline).
+1.44 s of them (`OFFLINE_CHUNK_FRAMES`, `HIGH_RATE_FRAMES`): memory stays bounded for any
+file length, progress can be reported, and offline and streaming are one code path (every
+layer's streaming state reproduces exactly what the layer sees offline).
 """
 
 import time

@@ -106,12 +106,19 @@ def test_repo_id_resolves_from_the_hf_cache_offline(tmp_path, mimi_checkpoint, s
     cache = _hf_cache(tmp_path / "hub", "kyutai/moshika-candle-q8", commit, {MIMI_NAME: mimi_checkpoint})
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     audio = str(shared_audio / "en_short_16k.wav")
-    for source in ("kyutai/moshika-candle-q8", f"kyutai/moshika-candle-q8@{commit}", f"hf://kyutai/moshika-candle-q8/{MIMI_NAME}"):
-        out = tmp_path / "tokens.safetensors"
-        done = _cli("encode", audio, "-o", str(out), "--mimi", source, "-q", env=env)
-        assert done.returncode == 0, done.stderr
-        assert out.exists()
-        out.unlink()
+    out = tmp_path / "tokens.safetensors"
+    done = _cli("encode", audio, "-o", str(out), "--mimi", "kyutai/moshika-candle-q8", "-q", env=env)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+    # The other spellings resolve to the same cached file (one process: the Hub's settings
+    # are read at import, and a model load per spelling would prove nothing more).
+    probe = "import sys; from moshi_core.loading.hub import resolve_file; [print(resolve_file(s, [sys.argv[1]])) for s in sys.argv[2:]]"
+    spellings = [f"kyutai/moshika-candle-q8@{commit}", f"hf://kyutai/moshika-candle-q8/{MIMI_NAME}"]
+    done = subprocess.run([sys.executable, "-c", probe, MIMI_NAME, *spellings], cwd=REPO_DIR, capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    snapshot = cache / "models--kyutai--moshika-candle-q8" / "snapshots" / commit / MIMI_NAME
+    assert done.stdout.split() == [str(snapshot)] * 2
     # Not in the cache and offline: a message that says what to do, exit code 2.
     done = _cli("encode", audio, "-o", str(tmp_path / "x.safetensors"), "--mimi", "kyutai/moshiko-candle-q8", env=env)
     assert done.returncode == 2
