@@ -443,7 +443,7 @@ class TransformerLayer(nn.Module):
         self.cross_attention: CrossAttention | None = None
         if cfg.cross_attention:
             self.cross_attention = CrossAttention(cfg)
-            self.norm_cross = LayerNorm(d, eps=1e-5)  # always a LayerNorm, as in Kyutai's models
+            self.norm_cross = LayerNorm(d, eps=LAYER_NORM_EPS)  # always a LayerNorm, as in Kyutai's models
             self.layer_scale_cross = LayerScale(d) if has_scale else nn.Identity()
 
     def _mlp(self, h: torch.Tensor, first_step: int) -> torch.Tensor:

@@ -170,8 +170,7 @@ def test_whole_stack_step_gives_the_bits_of_the_layer_by_layer_kernels(kernel, s
     schedule = [None, [1], [0, 2], "active", None, [2], "active", None, [0], None]
     with torch.no_grad():
         for rows in schedule:
-            n = 2 if rows == "active" else 3 if rows is None else len(rows)
-            x = torch.randn(3 if rows == "active" else n, steps, 64, generator=g)
+            x = torch.randn(3 if rows in (None, "active") else len(rows), steps, 64, generator=g)
             kwargs = ({"active": torch.tensor([True, False, True])} if rows == "active"
                       else {"rows": None if rows is None else torch.tensor(rows)})
             out = {}
