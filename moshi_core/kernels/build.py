@@ -15,6 +15,9 @@ flag: the core reads no environment of its own).
   few rows, fused.
 - `conv.cpp`: the input window of a streaming conv, through the SEANet's ELU, in one pass
   (see `moshi_core.nn.conv.CausalConv.step`).
+- `layers.cpp`: a streaming step through a whole stack of Mimi's transformer layers.
+- `rvq.cpp`: the codes of a residual vector quantizer for a few rows, cdist's own choice
+  from a float16 pass over the centroids (see `moshi_core.nn.rvq`).
 """
 
 import fcntl
@@ -35,10 +38,10 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 NAME = "moshi_core_kernels"
 # common.h first: the sources are one translation unit.
-SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp", "layers.cpp")
+SOURCES = ("common.h", "linear.cpp", "attention.cpp", "norm.cpp", "conv.cpp", "layers.cpp", "rvq.cpp")
 FUNCTIONS = ["skinny_linear", "q8_tiles_linear", "q8_int8_instructions", "q8_use_int8_instructions", "quantize_q8_0",
              "attention_step", "rms_norm", "silu_mul", "layer_norm", "gelu", "add_scaled",
-             "elu_window", "layers_step"]
+             "elu_window", "layers_step", "rvq_codes"]
 
 
 # A plain module flag: the lookup runs for every matrix product of a step.

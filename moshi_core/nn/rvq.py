@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moshi_core.kernels.build import kernel_for
+from moshi_core.kernels.linear import SKINNY_MAX_ROWS
 from moshi_core.nn.derived import DerivedWeights
 
 
@@ -73,25 +75,44 @@ class ResidualVectorQuantizer(DerivedWeights):
 
         return self._cached("tables", build)
 
+    def _coarse_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centroids rounded to float16 and their norms [n_q, bins], for our kernel's
+        first pass over a level (see `encode`)."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            centroids, padded = self._lookup_tables()
+            return centroids.half(), padded[..., -1].sqrt().contiguous()
+
+        return self._cached("coarse", build)
+
     def derive_weights(self) -> None:
         """Build the lookup tables now rather than in the first step (see `MimiModel.init_state`)."""
-        self._lookup_tables()
+        centroids, _ = self._lookup_tables()
+        if centroids.device.type == "cpu" and centroids.dtype == torch.float32:
+            self._coarse_tables()
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """[B, T, input_dim] -> codes [B, n_q, T]: greedy nearest centroid on the residual.
 
-        Squared distances are |x|^2 - 2 x.e + |e|^2 as one product of padded rows, the way
-        `torch.cdist` computes them, with the centroid side precomputed once; the argmin
-        therefore matches Kyutai's (which calls cdist) bit for bit.
+        Distances are sqrt(|x|^2 - 2 x.e + |e|^2) with the squares as one product of padded
+        rows, the way `torch.cdist` computes them, with the centroid side precomputed once;
+        the argmin therefore matches Kyutai's (which calls cdist) bit for bit. A streaming
+        step's few rows on CPU take our kernel (`csrc/rvq.cpp`), which finds the same codes
+        from a float16 pass over each level's centroids, at half the bytes.
         """
         B, T, _ = x.shape
         residual = F.linear(x.reshape(B * T, -1), self.input_proj.weight[..., 0])
         centroids, padded = self._lookup_tables()
+        kernel = _codes_kernel(residual, centroids)
+        if kernel is not None:
+            coarse, norms = self._coarse_tables()
+            codes = kernel.rvq_codes(residual, centroids, padded, coarse, norms, n_q)
+            return codes.view(B, T, n_q).transpose(1, 2)
         ones = residual.new_ones(residual.shape[0], 1)
         codes = []
         for level in range(n_q):
             query = torch.cat([residual.mul(-2), residual.pow(2).sum(-1, keepdim=True), ones], dim=-1)
-            index = (query @ padded[level].T).clamp_min_(0).argmin(dim=-1)
+            index = (query @ padded[level].T).clamp_min_(0).sqrt_().argmin(dim=-1)
             residual = residual - centroids[level][index]
             codes.append(index)
         return torch.stack(codes, dim=-1).view(B, T, n_q).transpose(1, 2)
@@ -101,6 +122,14 @@ class ResidualVectorQuantizer(DerivedWeights):
         centroids = self._lookup_tables()[0]
         quantized = sum(F.embedding(codes[:, k], centroids[k]) for k in range(codes.shape[1]))
         return F.linear(quantized, self.output_proj.weight[..., 0])
+
+
+def _codes_kernel(residual: torch.Tensor, centroids: torch.Tensor):
+    """Our codes kernel for a streaming step's few float32 rows on CPU, else None."""
+    if (residual.shape[0] > SKINNY_MAX_ROWS or residual.dtype != torch.float32 or centroids.dtype != torch.float32
+            or torch.is_grad_enabled()):
+        return None
+    return kernel_for(residual)
 
 
 class SplitResidualVectorQuantizer(nn.Module):
