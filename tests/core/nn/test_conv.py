@@ -24,13 +24,14 @@ def _torch_causal_conv(layer: StreamingConv1d, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
 @pytest.mark.parametrize("kernel,stride", [(7, 1), (3, 1), (1, 1), (8, 4), (4, 2), (16, 8)])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_conv_equals_torch_offline_and_streaming(kernel, stride, pad_mode, batch):
+@pytest.mark.parametrize("channels", [(3, 5), (1, 8), (6, 1)], ids=["3-5", "from-1", "to-1"])
+def test_conv_equals_torch_offline_and_streaming(kernel, stride, pad_mode, batch, channels):
     torch.manual_seed(0)
-    layer = StreamingConv1d(3, 5, kernel, stride=stride, pad_mode=pad_mode)
-    x = torch.randn(batch, stride * 48, 3)  # [B, T, C]
+    layer = StreamingConv1d(*channels, kernel, stride=stride, pad_mode=pad_mode)
+    x = torch.randn(batch, stride * 48, channels[0])  # [B, T, C]
     with torch.no_grad():
         expected = _torch_causal_conv(layer, x)
-        assert expected.shape == (batch, 48, 5)
+        assert expected.shape == (batch, 48, channels[1])
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
         for chunk_frames in (1, 2, 8):
             torch.testing.assert_close(_stream(layer, x, stride * chunk_frames), expected, rtol=1e-5, atol=1e-6)
