@@ -58,9 +58,6 @@ Derived = Callable[[str, Callable[[], torch.Tensor]], torch.Tensor]  # a module'
 
 # Up to this many output steps a CPU conv is a GEMM per tap (see `tap_conv`).
 TAP_GEMM_MAX_STEPS = 1024
-# Windows of at most this many inputs (the encoder's first conv: 7 taps of one channel) are
-# copied out for one matrix product (see `tap_conv`).
-SMALL_WINDOW = 16
 
 
 def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, derived: Derived) -> torch.Tensor:
@@ -75,12 +72,8 @@ def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
     EPYC, Mimi's layers). Calls of a few hundred steps (the deep layers offline) are a GEMM
     per tap: at their thousands of channels the direct convolution ran at half the GEMM's speed
     (a 4 s chunk of Mimi's widest conv: 30 ms against 14, on a 2-core Xeon with AVX-512).
-    The convs at either end of the SEANet have one channel on one side, where the vendor's
-    direct convolution is slowest: the one to one channel is a matrix-vector product per tap,
-    the one from one channel a single product of its copied-out windows (a streamed frame's
-    steps: 67 -> 46 us and 166 -> 127 us with the ELU, alternating on a 2-core EPYC).
     """
-    n, D, E = taps.shape
+    n = taps.shape[0]
     B, steps = frames.shape[0], frames.shape[1] - n + 1
     if skinny_kernel(frames, B * steps) is not None and not torch.is_grad_enabled():
         rows_major = derived("output_major", lambda: taps.detach().transpose(1, 2).contiguous())
@@ -88,18 +81,8 @@ def tap_conv(frames: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
         for m in range(1, n):
             out += linear(frames[:, m : m + steps], rows_major[m])
         return out
-    if E == 1 and frames.device.type == "cpu":
-        out = frames[:, :steps] @ taps[0, :, 0]
-        for m in range(1, n):
-            out += frames[:, m : m + steps] @ taps[m, :, 0]
-        return (out if bias is None else out + bias).unsqueeze(-1)
-    if n * D <= SMALL_WINDOW and frames.device.type == "cpu":
-        frames = frames.contiguous()
-        windows = frames.as_strided((B, steps, n * D), (frames.stride(0), D, 1)).reshape(B * steps, n * D)
-        weight = taps.reshape(n * D, E)
-        out = windows @ weight if bias is None else torch.addmm(bias, windows, weight)
-        return out.view(B, steps, E)
     if steps <= TAP_GEMM_MAX_STEPS and frames.device.type == "cpu":
+        E = taps.shape[2]
         start = frames.new_zeros(()) if bias is None else bias
         out = torch.baddbmm(start.expand(B, steps, E), frames[:, :steps], taps[0].expand(B, -1, -1))
         for m in range(1, n):
