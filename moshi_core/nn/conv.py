@@ -177,8 +177,9 @@ class CausalConv(DerivedWeights):
     def step(self, x: torch.Tensor, state: ConvState, elu: bool = False) -> torch.Tensor:
         """The next samples x [B, L, C_in] of the streams; `elu`: through an ELU first (the
         SEANet's, applied here as the input window is built, in one pass with our kernel)."""
-        kernel = _window_kernel(x) if state.first is None else None
-        if kernel is not None:
+        kernel = _window_kernel(x)
+        # Replicate padding matters only until each stream's first step: then the plain window.
+        if kernel is not None and (state.first is None or not state.first.any()):
             return self._run(kernel.elu_window(x, state.previous, elu))
         if elu:
             x = F.elu(x)
