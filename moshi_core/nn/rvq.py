@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moshi_core.kernels.build import kernel_for
-from moshi_core.kernels.linear import SKINNY_MAX_ROWS
+from moshi_core.kernels.linear import SKINNY_MAX_ROWS, linear
 from moshi_core.nn.derived import DerivedWeights
 
 
@@ -120,8 +120,9 @@ class ResidualVectorQuantizer(DerivedWeights):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] -> [B, T, output_dim]; levels are summed before the projection."""
         centroids = self._lookup_tables()[0]
-        quantized = sum(F.embedding(codes[:, k], centroids[k]) for k in range(codes.shape[1]))
-        return F.linear(quantized, self.output_proj.weight[..., 0])
+        levels = torch.arange(codes.shape[1], device=codes.device)[:, None, None]
+        quantized = centroids[levels, codes.transpose(0, 1)].sum(0)  # [K, B, T, dim] -> [B, T, dim]
+        return linear(quantized, self.output_proj.weight[..., 0])
 
 
 def _codes_kernel(residual: torch.Tensor, centroids: torch.Tensor):
