@@ -16,9 +16,9 @@
 //    and by a relative 2^-20 (so that not even the square root cdist takes can tie them), it is
 //    cdist's choice. Anything else (a near tie, a distance near zero, a value not finite) sends
 //    the whole level to cdist's own arithmetic, the matrix product through PyTorch.
-// On the bench's Mimi (random weights, codebooks calibrated on speech) a fifth of the levels
-// of a streamed frame needed that product, mostly the first of each quantizer, where the
-// residual is close to a centroid and float32's rounding of the distances decides.
+// On the bench's Mimi (random weights, codebooks calibrated on speech; 16 s of speech) 6% of
+// the levels needed that product, nearly all of them the first of a quantizer (a fifth of
+// those), where the residual is close to a centroid and float32's rounding decides.
 
 // Built after the other kernels, as one unit with them (see common.h).
 #include <cmath>
