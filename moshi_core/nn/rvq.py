@@ -121,7 +121,7 @@ class ResidualVectorQuantizer(DerivedWeights):
         """codes [B, K, T] -> [B, T, output_dim]; levels are summed before the projection."""
         centroids = self._lookup_tables()[0]
         levels = torch.arange(codes.shape[1], device=codes.device)[:, None, None]
-        quantized = centroids[levels, codes.transpose(0, 1)].sum(0)  # [K, B, T, dim] -> [B, T, dim]
+        quantized = centroids[levels, codes.transpose(0, 1).long()].sum(0)  # [K, B, T, dim] -> [B, T, dim]
         return linear(quantized, self.output_proj.weight[..., 0])
 
 

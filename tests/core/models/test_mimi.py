@@ -100,6 +100,15 @@ def test_partial_frame_is_zero_padded_offline(our_mimi, clip):
         assert our_mimi.decode(codes).shape[-1] == 4 * 1920
 
 
+def test_codes_of_any_integer_type_decode_alike(our_mimi, clip):
+    """A byte tensor of codes is codes, not a mask."""
+    with torch.inference_mode():
+        codes = our_mimi.encode(clip[..., : 1920 * 4]).clamp(max=255)
+        audio = our_mimi.decode(codes)
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            assert torch.equal(our_mimi.decode(codes.to(dtype)), audio)
+
+
 def test_progress_is_reported(our_mimi):
     seen = []
     with torch.inference_mode():
