@@ -29,11 +29,14 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 # (layout, rows M, outputs N, inner K, activations, split_k or None for the heuristic)
+# Each size at one row and at a partial row tile in the fast subset; the other row counts
+# (a whole 64-row tile, 2 and 3 rows) with the 7B widths in the full suite.
+SIZES = ((100, 32), (257, 96), (100, 1024))
 FAST_CASES = [
     (layout, m, n, k, dtype, None)
     for layout in ("q8_0", "rows")
-    for n, k in ((100, 32), (257, 96), (100, 1024))
-    for m in (1, 2, 3, 16, 64)
+    for n, k in SIZES
+    for m in (1, 16)
     for dtype in ("bfloat16", "float32")
 ] + [
     ("rows", 3, 100, 37, "float32", None),  # row-wise takes any K
@@ -47,6 +50,12 @@ SLOW_CASES = [
     (layout, m, 257, 4096, dtype, split)
     for layout in ("q8_0", "rows")
     for m, dtype, split in ((1, "bfloat16", None), (16, "float32", 4), (64, "bfloat16", None))
+] + [
+    (layout, m, n, k, dtype, None)
+    for layout in ("q8_0", "rows")
+    for n, k in SIZES
+    for m in (2, 3, 64)
+    for dtype in ("bfloat16", "float32")
 ]
 OUTPUT_ULP = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
@@ -87,7 +96,7 @@ def test_kernel_equals_dequantized_product(fast_results, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", SLOW_CASES, ids=_case_id)
-def test_kernel_equals_dequantized_product_at_7b_width(slow_results, case):
+def test_kernel_equals_dequantized_product_at_7b_width_and_more_row_counts(slow_results, case):
     _check(slow_results[_case_id(case)])
 
 
