@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 from servers import REPO_DIR, Redis, free_port, running_api, start_api, start_worker, wait_until
 
+from api.service import READY_TTL
 from workers.queue import redacted_url
 from workers.settings import Settings
 
@@ -82,12 +83,16 @@ async def _burst(url: str, n: int) -> tuple[list[httpx.Response], list[float]]:
 
 
 def test_a_readyz_burst_costs_one_probe_and_every_route_still_answers(celery_api):
+    time.sleep(READY_TTL)  # the fixture's own /readyz is stale: the burst must start a probe
     with _no_gc_pauses():
         answers, healthz = asyncio.run(_burst(celery_api, 200))
     assert all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
     # Cached: the whole burst was answered from one or two probes, not 200.
     assert len({a.json()["checked_at"] for a in answers}) <= 2
-    assert max(healthz) < 0.2, healthz
+    # A probe run on the event loop would hold /healthz for the whole of Celery's ping (it waits
+    # its 1 s timeout for replies); half of that leaves room for a slow CPU answering the
+    # burst's 200 connections (0.21 s seen on a 2-core first-generation Zen).
+    assert max(healthz) < 0.5, healthz
     with httpx.Client(base_url=celery_api, timeout=2) as client:
         for route in ("/healthz", "/readyz", "/v1/jobs", "/metrics", "/v1/models"):
             assert client.get(route).status_code == 200, route
